@@ -1,0 +1,817 @@
+"""A minimal, readable Beta-VAE in PyTorch, trained on a built-in procedural dSprites.
+
+Beta-VAE (Higgins et al., ICLR 2017) is a VAE whose KL term is weighted by beta > 1: the tighter
+information bottleneck pushes each latent dimension towards one factor of variation. Papers: Kingma &
+Welling 2013 (VAE), Higgins et al. 2017 (beta-VAE), Burgess et al. 2018 (capacity control).
+
+    python betavae.py train --beta 4                  # train on the built-in shapes data (no download)
+    python betavae.py train --beta 4 --resume         # continue runs/shapes-beta4 from its last.pt
+    python betavae.py --help                          # every subcommand; `train --help` every option
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
+from torchvision.utils import save_image
+
+__version__ = "0.1.0"
+IMAGE_SIZE = 64
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: main() prints it as one line and exits non-zero."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: what defines a model and a run. The checkpoint stores it, so every subcommand rebuilds the
+# model from the checkpoint alone. Each field's help text is also its --flag's help.
+
+def option(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = option("shapes", "training data; shapes is built in and needs no download",
+                          choices=["shapes"])
+    val_size: int = option(5000, "images held out for validation (a fixed, seeded subset)")
+    epoch_size: int = option(20000, "training images drawn per epoch; 0 means a full pass")
+    # model
+    latent_dim: int = option(128, "number of latent dimensions")
+    channels: int = field(default=1, metadata={})  # set from the data, not a flag
+    # loss
+    recon: str = option("mse", "reconstruction term: squared error or Bernoulli cross-entropy",
+                        choices=["mse", "bce"])
+    beta: float = option(4.0, "weight of the KL term (1 is a plain VAE)")
+    kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
+    free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
+    capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "
+                                       "becomes recon + gamma*|KL - C(t)| (unset: off)", type=float)
+    capacity_epochs: int = option(10, "epochs over which the capacity C(t) rises from 0 to C_max")
+    gamma: float = option(1000.0, "weight of |KL - C(t)| under --capacity")
+    # optimisation
+    lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, patience 5)")
+    batch_size: int = option(32, "images per optimisation step")
+    epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
+    clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    seed: int = option(0, "seeds python, numpy and torch; a CPU run repeats bit for bit")
+    device: str = option("auto", "auto picks CUDA, then MPS, then CPU",
+                         choices=["auto", "cpu", "cuda", "mps"])
+    # output
+    out: str = option("", "run folder (default: runs/<dataset>-beta<beta>)")
+    tensorboard: bool = option(False, "also log scalars and images to TensorBoard in the run folder")
+
+
+# Flags that may change when a run is resumed; every other one must match the stored run.
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out"}
+
+
+def check_config(cfg: Config) -> None:
+    """Reject nonsense settings with one clear line, before any work starts."""
+    rules = [
+        (cfg.beta >= 0, "--beta must be >= 0"),
+        (cfg.latent_dim >= 1, "--latent-dim must be >= 1"),
+        (cfg.val_size >= 1, "--val-size must be >= 1"),
+        (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
+        (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
+        (cfg.free_bits >= 0, "--free-bits must be >= 0"),
+        (cfg.capacity is None or cfg.capacity >= 0, "--capacity must be >= 0"),
+        (cfg.capacity_epochs >= 1, "--capacity-epochs must be >= 1"),
+        (cfg.gamma > 0, "--gamma must be > 0"),
+        (cfg.capacity is None or cfg.kl_warmup == 0, "--capacity and --kl-warmup are alternatives; pick one"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.epochs >= 1, "--epochs must be >= 1"),
+        (cfg.clip_grad >= 0, "--clip-grad must be >= 0"),
+    ]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
+    """(beta_eff, capacity C) for a 1-based epoch; both stay constant within an epoch, so the
+    validation loss is exactly that epoch's training objective."""
+    beta = cfg.beta * min(1.0, epoch / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
+    capacity = None if cfg.capacity is None else cfg.capacity * min(1.0, epoch / cfg.capacity_epochs)
+    return beta, capacity
+
+
+def schedule_done(cfg: Config, epoch: int) -> bool:
+    """True once warm-up and capacity have reached their final values (from then on, losses compare)."""
+    ramp = cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs
+    return epoch >= ramp
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: a procedural equivalent of DeepMind's dSprites, rendered on demand.
+# Factors (as in dSprites): shape x scale x orientation x position X x position Y = 737,280 images.
+
+FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
+FACTOR_SIZES = (3, 6, 40, 32, 32)
+SHAPE_NAMES = ("square", "ellipse", "heart")
+RADIUS = 10.0  # circumradius in pixels of every shape at scale 1: any rotation fits this circle
+MARGIN = RADIUS + 1  # centres stay this far from the border, so no shape touches or leaves the frame
+
+
+def render_shapes(factors: torch.Tensor) -> torch.Tensor:
+    """Render (B, 5) integer factor classes as (B, 1, 64, 64) binary float images, all at once."""
+    factors = torch.as_tensor(factors, dtype=torch.long)
+    shape, scale_i, angle_i, x_i, y_i = factors.T.float()
+    scale = 0.5 + 0.1 * scale_i                                  # 6 values, 0.5 to 1
+    angle = 2 * math.pi * angle_i / FACTOR_SIZES[2]               # 40 values over a full turn
+    centre_x = MARGIN + (IMAGE_SIZE - 2 * MARGIN) * x_i / (FACTOR_SIZES[3] - 1)
+    centre_y = MARGIN + (IMAGE_SIZE - 2 * MARGIN) * y_i / (FACTOR_SIZES[4] - 1)
+    pixel = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    dx = (pixel[None, None, :] - centre_x[:, None, None]) / (RADIUS * scale[:, None, None])
+    dy = (pixel[None, :, None] - centre_y[:, None, None]) / (RADIUS * scale[:, None, None])
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    p, q = cos * dx + sin * dy, -sin * dx + cos * dy               # (B, 64, 64) rotated into the shape's frame
+    square = (p.abs() <= 1 / math.sqrt(2)) & (q.abs() <= 1 / math.sqrt(2))
+    ellipse = p ** 2 + (q / 0.5) ** 2 <= 1
+    hx, hy = 1.25 * p, 0.25 - 1.25 * q                            # heart curve, centred on its circumcircle
+    heart = (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
+    kind = shape[:, None, None]
+    image = torch.where(kind == 0, square, torch.where(kind == 1, ellipse, heart))
+    return image.float().unsqueeze(1)                             # (B, 1, 64, 64)
+
+
+class Shapes(Dataset):
+    """Every point of the dSprites factor grid; item i is grid point i, rendered when asked for."""
+
+    factor_names = FACTOR_NAMES
+    factor_sizes = FACTOR_SIZES
+    channels = 1
+
+    def __len__(self) -> int:
+        return math.prod(FACTOR_SIZES)
+
+    def factors(self, indices) -> torch.Tensor:
+        """(B, 5) factor classes of the given item indices."""
+        return torch.stack(torch.unravel_index(torch.as_tensor(indices), FACTOR_SIZES), dim=1)
+
+    def render(self, factors) -> torch.Tensor:
+        """Images with chosen factor classes (used by evaluation to sample controlled pairs)."""
+        return render_shapes(factors)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.render(self.factors([index]))[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        # DataLoader calls this with a whole batch: one vectorised render instead of B small ones
+        return list(self.render(self.factors(indices)))
+
+
+def split_validation(dataset: Dataset, val_size: int) -> tuple[Subset, Subset]:
+    """A fixed validation subset, the same for every run and seed, so validation losses compare."""
+    if val_size >= len(dataset):
+        raise UserError(f"--val-size {val_size} leaves no training data ({len(dataset)} images)")
+    generator = torch.Generator().manual_seed(1234)
+    val_idx = torch.randperm(len(dataset), generator=generator)[:val_size]
+    is_val = torch.zeros(len(dataset), dtype=torch.bool)
+    is_val[val_idx] = True
+    train_idx = torch.nonzero(~is_val).squeeze(1)
+    return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.sort().values.tolist())
+
+
+DATASETS = {"shapes": Shapes}
+
+
+def make_datasets(cfg: Config) -> tuple[Subset, Subset]:
+    """(train, val) for cfg.dataset; sets cfg.channels from the data."""
+    dataset = DATASETS[cfg.dataset]()
+    cfg.channels = dataset.channels
+    return split_validation(dataset, cfg.val_size)
+
+
+def epoch_batches(train_set: Dataset, cfg: Config, generator: torch.Generator) -> list[list[int]]:
+    """The epoch's batches of indices: --epoch-size fresh random items (all of them when 0)."""
+    sampler = RandomSampler(train_set, num_samples=cfg.epoch_size or None, generator=generator)
+    return list(BatchSampler(sampler, cfg.batch_size, drop_last=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the tutorial's convolutional encoder and its mirror image as decoder.
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                         nn.BatchNorm2d(c_out), nn.LeakyReLU(0.01))
+
+
+def deconv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1),
+                         nn.BatchNorm2d(c_out), nn.LeakyReLU(0.01))
+
+
+class Encoder(nn.Module):
+    """Image (B, C, 64, 64) -> posterior mean mu and log-variance logvar, each (B, latent_dim)."""
+
+    def __init__(self, latent_dim: int, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(conv_block(channels, 32), conv_block(32, 64), conv_block(64, 128),
+                                 conv_block(128, 256), nn.Flatten())  # (B, 256*4*4)
+        self.fc_mu = nn.Linear(256 * 4 * 4, latent_dim)
+        self.fc_logvar = nn.Linear(256 * 4 * 4, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+
+class Decoder(nn.Module):
+    """Latent code (B, latent_dim) -> image (B, C, 64, 64) in [0, 1]; `logits` skips the sigmoid."""
+
+    def __init__(self, latent_dim: int, channels: int):
+        super().__init__()
+        self.fc = nn.Linear(latent_dim, 256 * 4 * 4)
+        # four upsamplings mirror the encoder's four downsamplings: 4 -> 8 -> 16 -> 32 -> 64
+        self.net = nn.Sequential(deconv_block(256, 128), deconv_block(128, 64), deconv_block(64, 32),
+                                 deconv_block(32, 32), nn.Conv2d(32, channels, 3, padding=1))
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z).view(-1, 256, 4, 4))  # (B, C, 64, 64)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
+class BetaVAE(nn.Module):
+    def __init__(self, latent_dim: int = 128, channels: int = 1):
+        super().__init__()
+        self.encoder = Encoder(latent_dim, channels)
+        self.decoder = Decoder(latent_dim, channels)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and logvar of q(z|x); mu is the code of an image at evaluation time."""
+        return self.encoder(x)
+
+    def reparameterize(self, mu, logvar, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I): the noise is an input, so gradients reach mu and sigma."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1]."""
+        return self.decoder(z)
+
+    def forward(self, x, generator: Optional[torch.Generator] = None):
+        """Decoder logits of a sampled z (the loss needs logits for a stable BCE), mu and logvar."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator)
+        return self.decoder.logits(z), mu, logvar
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss: negative ELBO with a weighted KL (Higgins et al. 2017, eq. 4), or Burgess et al.'s capacity form.
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(N(mu, sigma^2) || N(0, 1)) per sample and latent dim, (B, D), in nats."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def recon_loss(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed over channels and pixels, averaged over the batch."""
+    if kind == "bce":  # from logits: log-sigmoid never takes log(0)
+        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    else:
+        per_pixel = (torch.sigmoid(logits) - x).pow(2)
+    return per_pixel.flatten(1).sum(1).mean()
+
+
+def loss_terms(logits, x, mu, logvar, *, recon: str = "mse", beta: float = 1.0, free_bits: float = 0.0,
+               capacity: Optional[float] = None, gamma: float = 1000.0) -> dict[str, torch.Tensor]:
+    """recon, the true KL, per-dim KL, and the objective `total` that training minimises.
+
+    KL is summed over latent dims and averaged over the batch. Free bits clamp each dim's batch-mean
+    KL from below at `free_bits` nats (Kingma et al. 2016) in the objective only. total is
+    recon + beta * KL, or recon + gamma * |KL - capacity| when a capacity is given (Burgess et al. 2018).
+    """
+    rec = recon_loss(logits, x, recon)
+    kl_dims = kl_per_dim(mu, logvar).mean(0)  # (D,) batch means
+    kl = kl_dims.sum()
+    kl_objective = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
+    if capacity is None:
+        total = rec + beta * kl_objective
+    else:
+        total = rec + gamma * (kl_objective - capacity).abs()
+    return {"recon": rec, "kl": kl, "kl_per_dim": kl_dims, "total": total}
+
+
+def describe_loss(cfg: Config) -> str:
+    """The reductions, printed at the start of training: beta means nothing without them."""
+    error = "squared error" if cfg.recon == "mse" else "Bernoulli cross-entropy (from logits)"
+    pixels = f"{cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE}"
+    kl = "KL" if cfg.free_bits == 0 else f"sum_d max(KL_d, {cfg.free_bits:g})"
+    if cfg.capacity is None:
+        warm = f", rising from 0 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else ""
+        objective = f"recon + beta*{kl}, beta {cfg.beta:g}{warm}"
+    else:
+        objective = (f"recon + {cfg.gamma:g}*|{kl} - C|, C rising from 0 to {cfg.capacity:g} nats over "
+                     f"{cfg.capacity_epochs} epochs")
+    return (f"loss: recon = {error} summed over {pixels} pixels, mean over the batch; KL = closed form "
+            f"summed over {cfg.latent_dim} latent dims, mean over the batch\n"
+            f"objective: {objective}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training helpers: device, seeding, checkpoints.
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then MPS, then CPU; an explicit choice must be available."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(n for n in ("cuda", "mps", "cpu") if available[n])
+    if not available[name]:
+        raise UserError(f"--device {name} is not available on this machine")
+    return torch.device(name)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last trains faster on CPU and CUDA (measured, see README); MPS keeps the default."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states(sampler: torch.Generator) -> dict:
+    """Every random state a run consumes, as tensors and plain values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+              "torch": torch.get_rng_state(), "sampler": sampler.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict, sampler: torch.Generator) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    sampler.set_state(states["sampler"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """The checkpoint's contents, or one clear UserError; never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; all mean the same to a user
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} holds pickled Python objects, not a betavae checkpoint; refusing to load it")
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint")
+    if not isinstance(state, dict) or state.get("format") != "betavae":
+        raise UserError(f"{path} was not written by betavae")
+    return state
+
+
+def config_from_dict(stored: dict, path) -> Config:
+    known = {f.name for f in fields(Config)}
+    unknown = set(stored) - known
+    if unknown:
+        raise UserError(f"{path} has settings this betavae {__version__} does not know: {sorted(unknown)}")
+    return Config(**stored)
+
+
+def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
+    """Rebuild the model from a checkpoint alone: (model in eval mode, its Config)."""
+    state = read_checkpoint(path, device)
+    cfg = config_from_dict(state["config"], path)
+    model = BetaVAE(cfg.latent_dim, cfg.channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(f"{path} holds a model of another architecture ({first})")
+    return model.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training.
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_step(model, optimizer, x, cfg: Config, beta: float, capacity) -> dict[str, torch.Tensor]:
+    """One Adam step on a batch; refuses to step on a NaN/inf loss so the weights stay good."""
+    logits, mu, logvar = model(x)
+    parts = loss_terms(logits, x, mu, logvar, recon=cfg.recon, beta=beta, free_bits=cfg.free_bits,
+                       capacity=capacity, gamma=cfg.gamma)
+    if not torch.isfinite(parts["total"]):
+        raise NonFiniteLoss
+    optimizer.zero_grad(set_to_none=True)
+    parts["total"].backward()
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return parts
+
+
+@torch.no_grad()
+def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
+    """The epoch's training objective on validation data (eval mode, fixed noise), plus per-dim KL."""
+    model.eval()
+    generator = torch.Generator(device).manual_seed(0)  # same noise every epoch: losses compare
+    sums, kl_dims, n = torch.zeros(3, device=device), torch.zeros(cfg.latent_dim, device=device), 0
+    for x in loader:
+        x = x.to(device).contiguous(memory_format=memory_format(device))
+        logits, mu, logvar = model(x, generator)
+        parts = loss_terms(logits, x, mu, logvar, recon=cfg.recon, beta=beta, free_bits=cfg.free_bits,
+                           capacity=capacity, gamma=cfg.gamma)
+        sums += torch.stack([parts["recon"], parts["kl"], parts["total"]]) * len(x)
+        kl_dims += parts["kl_per_dim"] * len(x)
+        n += len(x)
+    model.train()
+    recon, kl, total = (sums / n).tolist()
+    return {"recon": recon, "kl": kl, "total": total, "kl_per_dim": (kl_dims / n).tolist()}
+
+
+def active_dims(kl_dims: list[float], threshold: float = 0.01) -> int:
+    """Latent dims whose mean KL exceeds `threshold` nats: the ones that carry information."""
+    return sum(k > threshold for k in kl_dims)
+
+
+@torch.no_grad()
+def save_epoch_images(model, val_images, sample_z, out: Path, epoch: int, writer=None) -> None:
+    """Originals above their reconstructions (decoded from mu), and prior samples at fixed z."""
+    model.eval()
+    recon = model.decode(model.encode(val_images)[0])
+    samples = model.decode(sample_z)
+    model.train()
+    folder = out / "images"
+    folder.mkdir(exist_ok=True)
+    save_image(torch.cat([val_images, recon]).cpu(), folder / f"recon_e{epoch:03d}.png", nrow=len(val_images))
+    save_image(samples.cpu(), folder / f"samples_e{epoch:03d}.png", nrow=8)
+    if writer is not None:
+        writer.add_images("images/reconstruction", torch.cat([val_images, recon]).cpu(), epoch)
+        writer.add_images("images/samples", samples.cpu(), epoch)
+
+
+HISTORY_FIELDS = ["epoch", "train_recon", "train_kl", "train_total", "val_recon", "val_kl", "val_total",
+                  "beta_eff", "capacity", "lr", "active_dims", "img_per_s", "elapsed_s"]
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    """history.csv: one row per epoch, per-dim validation KL in columns kl_dim0, kl_dim1, ..."""
+    n_dims = len(history[0]["kl_per_dim"])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HISTORY_FIELDS + [f"kl_dim{d}" for d in range(n_dims)])
+        for row in history:
+            values = ["" if row[k] is None else row[k] for k in HISTORY_FIELDS]
+            w.writerow(values + [f"{k:.6g}" for k in row["kl_per_dim"]])
+
+
+def plot_loss_curves(history: list[dict], path: Path) -> None:
+    """Train vs validation recon, KL and total per epoch, on linear (left) and log (right) axes."""
+    import matplotlib  # imported here: it is slow to import and only the plots need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
+    for ax_row, term in zip(axes, ("recon", "kl", "total")):
+        for ax, scale in zip(ax_row, ("linear", "log")):
+            ax.plot(epochs, [r[f"train_{term}"] for r in history], "o-", label="train")
+            ax.plot(epochs, [r[f"val_{term}"] for r in history], "s--", label="validation")
+            ax.set_yscale(scale)
+            ax.set_ylabel(f"{term} (nats)" if term != "recon" else "recon")
+            ax.set_title(f"{term}, {scale} scale")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def tensorboard_writer(cfg: Config, out: Path):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(out / "tensorboard")
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks training to stop at the next step boundary, where state is consistent."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C means: stop now, without saving
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving last.pt after this step (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Config fields the user typed on the command line (abbreviations are disabled)."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def prepare_run(args) -> tuple[Config, Optional[dict]]:
+    """The run's Config and, with --resume, the checkpoint to continue from."""
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if f.name in vars(args)})
+    check_config(cfg)
+    cfg.out = cfg.out or f"runs/{cfg.dataset}-beta{cfg.beta:g}"
+    last = Path(cfg.out) / "last.pt"
+    if not args.resume:
+        if last.exists():
+            raise UserError(f"{cfg.out} already holds a run; add --resume to continue it, or choose another --out")
+        return cfg, None
+    if not last.exists():
+        raise UserError(f"nothing to resume: {last} does not exist")
+    state = read_checkpoint(last)
+    stored = config_from_dict(state["config"], last)
+    for name in args.given - RESUMABLE_FLAGS - {"resume"}:
+        if getattr(cfg, name) != getattr(stored, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the run being "
+                            f"resumed ({getattr(stored, name)}); start a new run with another --out")
+    for name in RESUMABLE_FLAGS:
+        setattr(stored, name, getattr(cfg, name))
+    return stored, state
+
+
+def make_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror}")
+
+
+def format_duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes}m{s:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def train(args) -> None:
+    """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume."""
+    cfg, resumed = prepare_run(args)
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    fmt = memory_format(device)
+    train_set, val_set = make_datasets(cfg)
+    make_output_folder(out)
+    writer = tensorboard_writer(cfg, out)
+
+    model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=fmt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed)
+    # what a checkpoint needs beyond weights: progress through the run and within the current epoch
+    run = {"epoch": 0, "step": 0, "sums": torch.zeros(3), "seen": 0, "history": [], "best": math.inf,
+           "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()}
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        run = resumed["run"]
+        set_rng_states(resumed["rng"], sampler_rng)
+        if run["epoch"] >= cfg.epochs:
+            print(f"{out} has already trained {run['epoch']} epochs; pass a larger --epochs to continue")
+            return
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def checkpoint(path: Path, kl_dims=None) -> None:
+        save_checkpoint(path, {
+            "format": "betavae", "version": __version__, "config": asdict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "run": run, "rng": rng_states(sampler_rng),
+            "kl_per_dim": kl_dims if kl_dims is not None else
+            (run["history"][-1]["kl_per_dim"] if run["history"] else None)})
+
+    # every DataLoader gets its own generator, so the global RNG sees only the model's noise: exact resume
+    val_loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
+    val_images = torch.stack([val_set[i] for i in range(8)]).to(device)
+    sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"betavae {__version__} | device {device} | {cfg.dataset}: {len(train_set):,} train / "
+          f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
+    print(describe_loss(cfg))
+    print(f"seed {cfg.seed} | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
+          f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
+
+    tty = sys.stdout.isatty()
+    session_start, session_epochs = time.perf_counter(), 0
+    with StopOnCtrlC() as stop:
+        for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
+            beta, capacity = schedule(cfg, epoch)
+            if run["step"]:  # resuming inside this epoch: replay its order from the epoch's start
+                sampler_rng.set_state(run["epoch_sampler"])
+            run["epoch_sampler"] = sampler_rng.get_state()
+            batches = epoch_batches(train_set, cfg, sampler_rng)
+            loader = DataLoader(train_set, batch_sampler=batches[run["step"]:], generator=torch.Generator())
+            model.train()
+            t0, images = time.perf_counter(), 0
+            for x in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                try:
+                    parts = train_step(model, optimizer, x, cfg, beta, capacity)
+                except NonFiniteLoss:
+                    raise UserError(f"the loss became NaN/inf at epoch {epoch} step {run['step'] + 1}; stopped. "
+                                    f"{out / 'last.pt'} keeps the last good epoch (try a lower --lr or --clip-grad)",
+                                    code=1)
+                run["sums"] += torch.stack([parts["recon"], parts["kl"], parts["total"]]).detach().cpu() * len(x)
+                run["seen"] += len(x)
+                run["step"] += 1
+                images += len(x)
+                if tty and run["step"] % 10 == 0:
+                    print(f"\r  epoch {epoch}: {run['step']}/{len(batches)} steps, "
+                          f"{images / (time.perf_counter() - t0):.0f} img/s", end="", flush=True)
+                if stop.requested:
+                    run["elapsed"] += time.perf_counter() - session_start
+                    checkpoint(out / "last.pt")
+                    raise UserError(f"interrupted at epoch {epoch} step {run['step']}: saved {out / 'last.pt'}; "
+                                    f"continue with --resume", code=130)
+            train_time = time.perf_counter() - t0
+            if tty:
+                print("\r" + " " * 60 + "\r", end="")
+
+            val = validate(model, val_loader, cfg, beta, capacity, device)
+            scheduler.step(val["total"])
+            train_recon, train_kl, train_total = (run["sums"] / run["seen"]).tolist()
+            session_epochs += 1
+            now = time.perf_counter()
+            row = {"epoch": epoch, "train_recon": train_recon, "train_kl": train_kl, "train_total": train_total,
+                   "val_recon": val["recon"], "val_kl": val["kl"], "val_total": val["total"],
+                   "beta_eff": beta, "capacity": capacity, "lr": optimizer.param_groups[0]["lr"],
+                   "active_dims": active_dims(val["kl_per_dim"]), "img_per_s": images / max(train_time, 1e-9),
+                   "elapsed_s": run["elapsed"] + now - session_start, "kl_per_dim": val["kl_per_dim"]}
+            run["history"].append(row)
+            run.update(epoch=epoch, step=0, sums=torch.zeros(3), seen=0)
+
+            save_epoch_images(model, val_images, sample_z, out, epoch, writer)
+            write_history(run["history"], out / "history.csv")
+            plot_loss_curves(run["history"], out / "loss_curves.png")
+            if writer is not None:
+                log_tensorboard(writer, row)
+            # under warm-up or capacity annealing the objective changes each epoch: compare final ones only
+            if schedule_done(cfg, epoch):
+                is_best = val["total"] < run["best"]
+                run["best"] = min(run["best"], val["total"])
+            else:
+                is_best = True  # until the schedule settles, the newest model is the best there is
+            run["elapsed"] += now - session_start
+            session_start = now
+            checkpoint(out / "last.pt", val["kl_per_dim"])
+            if is_best:
+                checkpoint(out / "best.pt", val["kl_per_dim"])
+
+            eta = row["elapsed_s"] / epoch * (cfg.epochs - epoch)
+            print(format_epoch(row, cfg, eta), flush=True)
+            warn_if_stuck(run["history"], cfg)
+            if stop.requested:
+                raise UserError(f"interrupted after epoch {epoch}: saved {out / 'last.pt'}; continue with --resume",
+                                code=130)
+    if writer is not None:
+        writer.close()
+    print(f"done: {out / 'best.pt'} (best validation objective), {out / 'last.pt'}, {out / 'history.csv'}")
+
+
+def format_epoch(row: dict, cfg: Config, eta: float) -> str:
+    """One line per epoch: losses, schedule, active dims, lr, speed and time."""
+    schedule_part = f"beta {row['beta_eff']:.3g}" if row["capacity"] is None else f"C {row['capacity']:.3g}"
+    return (f"epoch {row['epoch']:3d}/{cfg.epochs} | train recon {row['train_recon']:.2f} kl {row['train_kl']:.2f} "
+            f"total {row['train_total']:.2f} | val recon {row['val_recon']:.2f} kl {row['val_kl']:.2f} "
+            f"total {row['val_total']:.2f} | {schedule_part} | active {row['active_dims']}/{cfg.latent_dim} | "
+            f"lr {row['lr']:.1e} | {row['img_per_s']:.0f} img/s | {format_duration(row['elapsed_s'])} "
+            f"elapsed, ETA {format_duration(eta)}")
+
+
+def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
+    """Warn about the two failures the tutorial's debugging guide names: collapse and a stalled recon."""
+    last = history[-1]
+    if last["epoch"] >= 2 and last["val_kl"] < 0.1 and (last["beta_eff"] > 0 or last["capacity"]):
+        print(f"warning: validation KL is {last['val_kl']:.3f} nats: the posterior has collapsed onto the prior "
+              f"(lower --beta, or try --kl-warmup / --capacity)")
+    if len(history) > patience:
+        before = min(r["val_recon"] for r in history[:-patience])
+        if min(r["val_recon"] for r in history[-patience:]) > before * 0.999:
+            print(f"warning: validation recon has not improved for {patience} epochs "
+                  f"(lr is {last['lr']:.1e}; see the README's debugging notes)")
+
+
+def log_tensorboard(writer, row: dict) -> None:
+    for split in ("train", "val"):
+        for term in ("recon", "kl", "total"):
+            writer.add_scalar(f"loss/{term}_{split}", row[f"{split}_{term}"], row["epoch"])
+    writer.add_scalar("schedule/beta_eff", row["beta_eff"], row["epoch"])
+    if row["capacity"] is not None:
+        writer.add_scalar("schedule/capacity", row["capacity"], row["epoch"])
+    writer.add_scalar("schedule/lr", row["lr"], row["epoch"])
+    writer.add_scalar("latent/active_dims", row["active_dims"], row["epoch"])
+    writer.add_scalar("speed/img_per_s", row["img_per_s"], row["epoch"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: one subcommand per function; parsing happens only in main().
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of the full usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Config field, with the field's default and help."""
+    for f in fields(Config):
+        if "help" not in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            shown = f" (default: {f.default})" if f.default not in (None, "") else ""
+            parser.add_argument(flag, type=f.metadata.get("type", type(f.default)), default=f.default,
+                                choices=f.metadata.get("choices"), help=f.metadata["help"] + shown)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="betavae.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"betavae {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    p = commands.add_parser("train", help="train a Beta-VAE", description=train.__doc__, allow_abbrev=False)
+    add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.set_defaults(func=train)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.given = given_flags(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.code)
+    except OSError as e:  # disk full, permissions, ...: the user's environment, not a bug
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Tests for betavae: the math against independent oracles, the renderer's factors, and the CLI end to end.
+
+    pytest test_betavae.py
+"""
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# OpenMP busy-waiting makes 2-thread torch several times slower on a shared machine; set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from torch.distributions import Normal, kl_divergence  # noqa: E402
+
+import betavae as bv  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# a model small enough to train for a few steps in a test: 3 steps of 16 images per epoch
+TINY = ["--epoch-size", "48", "--batch-size", "16", "--val-size", "16", "--latent-dim", "4"]
+
+
+def run_cli(*args, cwd=None):
+    """Run betavae.py in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, str(HERE / "betavae.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def train_in_process(out, *args):
+    """Run `betavae.py train` on the CPU in this process (so tests can patch it); returns the exit code."""
+    try:
+        bv.main(["train", *TINY, "--device", "cpu", "--out", str(out), *map(str, args)])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny training run through the CLI, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_cli("train", *TINY, "--epochs", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss: hand computations and oracles
+
+def sigmoid(v):
+    return 1 / (1 + math.exp(-v))
+
+
+LOGITS = torch.tensor([[[[0.3, -1.2]]], [[[2.0, 0.1]]]])  # (B=2, C=1, H=1, W=2)
+X = torch.tensor([[[[1.0, 0.0]]], [[[0.25, 1.0]]]])
+MU = torch.tensor([[0.5, -1.0], [0.0, 2.0]])
+LOGVAR = torch.tensor([[0.0, -0.5], [1.0, 0.2]])
+
+
+def hand_kl_dims():
+    """Batch-mean KL of each latent dim, from the formula, in plain Python."""
+    return [sum(-0.5 * (1 + LOGVAR[b, d].item() - MU[b, d].item() ** 2 - math.exp(LOGVAR[b, d].item()))
+                for b in range(2)) / 2 for d in range(2)]
+
+
+def hand_recon(kind):
+    total = 0.0
+    for b in range(2):
+        for w in range(2):
+            p, x = sigmoid(LOGITS[b, 0, 0, w].item()), X[b, 0, 0, w].item()
+            total += (p - x) ** 2 if kind == "mse" else -(x * math.log(p) + (1 - x) * math.log(1 - p))
+    return total / 2  # summed over pixels, mean over the batch of 2
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+def test_loss_equals_hand_computation(kind):
+    parts = bv.loss_terms(LOGITS, X, MU, LOGVAR, recon=kind, beta=4.0)
+    kl = sum(hand_kl_dims())
+    assert parts["recon"].item() == pytest.approx(hand_recon(kind), rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert parts["kl_per_dim"].tolist() == pytest.approx(hand_kl_dims(), rel=1e-5)
+    assert parts["total"].item() == pytest.approx(hand_recon(kind) + 4.0 * kl, rel=1e-5)
+
+
+def test_free_bits_clamp_each_dim_in_the_objective_only():
+    dims = hand_kl_dims()
+    free = (min(dims) + max(dims)) / 2  # clamps the smaller dim, leaves the larger one
+    parts = bv.loss_terms(LOGITS, X, MU, LOGVAR, beta=2.0, free_bits=free)
+    assert parts["kl"].item() == pytest.approx(sum(dims), rel=1e-5)
+    assert parts["total"].item() == pytest.approx(hand_recon("mse") + 2.0 * (max(dims) + free), rel=1e-5)
+
+
+def test_capacity_objective():
+    parts = bv.loss_terms(LOGITS, X, MU, LOGVAR, capacity=0.5, gamma=100.0)
+    assert parts["total"].item() == pytest.approx(hand_recon("mse") + 100.0 * abs(sum(hand_kl_dims()) - 0.5),
+                                                  rel=1e-5)
+
+
+def test_warmup_and_capacity_schedules():
+    warm = bv.Config(beta=4.0, kl_warmup=4)
+    assert [bv.schedule(warm, e)[0] for e in range(1, 7)] == [1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+    assert [bv.schedule_done(warm, e) for e in (3, 4)] == [False, True]
+    cap = bv.Config(capacity=20.0, capacity_epochs=4)
+    assert [bv.schedule(cap, e)[1] for e in (1, 2, 4, 9)] == [5.0, 10.0, 20.0, 20.0]
+    assert bv.schedule(bv.Config(beta=3.0), 1) == (3.0, None)
+
+
+def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    q, p = Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    closed = bv.kl_per_dim(mu, logvar)
+    torch.testing.assert_close(closed, kl_divergence(q, p))
+    z = q.sample((200_000,))
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    torch.testing.assert_close(closed, monte_carlo, atol=0.03, rtol=0.02)
+
+
+def test_gradients_reach_mu_and_logvar_through_the_sample():
+    model = bv.BetaVAE(latent_dim=3)
+    mu = torch.tensor([[0.2, -0.4, 1.0]], requires_grad=True)
+    logvar = torch.tensor([[0.1, -0.3, 0.5]], requires_grad=True)
+    z = model.reparameterize(mu, logvar, torch.Generator().manual_seed(1))
+    z.sum().backward()
+    eps = torch.randn(1, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(mu.grad, torch.ones(1, 3))  # dz/dmu = 1
+    torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(0.5 * logvar.detach()))  # dz/dlogvar
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_model_shapes_and_range(channels):
+    model = bv.BetaVAE(latent_dim=6, channels=channels).eval()
+    x = torch.rand(2, channels, 64, 64)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (2, 6)
+    image = model.decode(torch.randn(5, 6) * 10)
+    assert image.shape == (5, channels, 64, 64)
+    assert image.min() >= 0 and image.max() <= 1
+    logits, _, _ = model(x)
+    z = torch.randn(3, 6)
+    torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decoder.logits(z)))
+    assert logits.shape == (2, channels, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shapes renderer: each factor does what it says
+
+def render(shape=0, scale=5, angle=0, x=16, y=16):
+    return bv.render_shapes(torch.tensor([[shape, scale, angle, x, y]]))[0, 0]
+
+
+def centroid(image):
+    rows, cols = torch.nonzero(image, as_tuple=True)
+    return cols.float().mean().item(), rows.float().mean().item()
+
+
+def test_renderer_is_deterministic_and_binary():
+    factors = bv.Shapes().factors(torch.arange(0, 737_280, 7919))
+    a, b = bv.render_shapes(factors), bv.render_shapes(factors)
+    assert torch.equal(a, b)
+    assert a.shape == (len(factors), 1, 64, 64)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert (a.flatten(1).sum(1) > 0).all()  # every shape is visible
+
+
+def test_position_moves_the_centroid_monotonically():
+    xs = [centroid(render(x=i))[0] for i in range(32)]
+    ys = [centroid(render(y=i))[1] for i in range(32)]
+    assert all(b > a for a, b in zip(xs, xs[1:]))
+    assert all(b > a for a, b in zip(ys, ys[1:]))
+    assert {round(centroid(render(x=i))[1], 3) for i in range(32)} == {round(centroid(render())[1], 3)}
+
+
+def test_scale_grows_the_area():
+    for shape in range(3):
+        areas = [render(shape=shape, scale=s).sum().item() for s in range(6)]
+        assert all(b > a for a, b in zip(areas, areas[1:]))
+        # area grows with the square of the scale (0.5 -> 1.0 is 4x), up to pixelation
+        assert areas[-1] / areas[0] == pytest.approx(4.0, rel=0.15)
+
+
+def test_orientation_rotates_and_shapes_differ():
+    ellipse = render(shape=1, angle=0)
+    rows, cols = torch.nonzero(ellipse, as_tuple=True)
+    assert cols.max() - cols.min() > 1.5 * (rows.max() - rows.min())  # wide at 0 degrees
+    rows, cols = torch.nonzero(render(shape=1, angle=10), as_tuple=True)
+    assert rows.max() - rows.min() > 1.5 * (cols.max() - cols.min())  # tall at 90 degrees
+    square = [render(shape=0, angle=a) for a in range(40)]
+    assert not torch.equal(square[0], square[5])  # 45 degrees: a diamond
+    areas = torch.stack([s.sum() for s in square])
+    assert (areas.max() - areas.min()) / areas.mean() < 0.08  # rotation keeps the area
+    shapes = [render(shape=s) for s in range(3)]
+    assert not torch.equal(shapes[0], shapes[1]) and not torch.equal(shapes[1], shapes[2])
+
+
+def test_every_shape_stays_inside_the_frame():
+    # a shape cut by the border would lose area; compare the extreme positions with the centre
+    for shape in range(3):
+        for angle in range(0, 40, 3):
+            centre = render(shape=shape, angle=angle).sum()
+            for x, y in [(0, 0), (31, 31), (0, 31), (31, 0)]:
+                corner = render(shape=shape, angle=angle, x=x, y=y)
+                assert abs(corner.sum() - centre) / centre < 0.05
+                assert corner[0].sum() + corner[-1].sum() + corner[:, 0].sum() + corner[:, -1].sum() == 0
+
+
+def test_dataset_grid_and_batched_access():
+    ds = bv.Shapes()
+    assert len(ds) == 3 * 6 * 40 * 32 * 32 == 737_280
+    assert ds.factors([0]).tolist() == [[0, 0, 0, 0, 0]]
+    assert ds.factors([len(ds) - 1]).tolist() == [[2, 5, 39, 31, 31]]
+    assert ds.factors([1, 32, 1024]).tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [0, 0, 1, 0, 0]]
+    batch = ds.__getitems__([5, 77_777, 600_000])
+    for i, image in zip([5, 77_777, 600_000], batch):
+        assert torch.equal(image, ds[i])
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    train_a, val_a = bv.split_validation(bv.Shapes(), 100)
+    train_b, val_b = bv.split_validation(bv.Shapes(), 100)
+    assert val_a.indices == val_b.indices and len(val_a) == 100
+    assert not set(val_a.indices) & set(train_a.indices)
+    assert len(train_a) + len(val_a) == 737_280
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training through the CLI
+
+def test_train_cli_writes_every_file(tiny_run):
+    out, result = tiny_run
+    for name in ["config.json", "history.csv", "last.pt", "best.pt", "loss_curves.png",
+                 "images/recon_e001.png", "images/recon_e002.png", "images/samples_e002.png"]:
+        assert (out / name).is_file(), name
+    assert "summed over 1x64x64 pixels, mean over the batch" in result.stdout
+    assert "summed over 4 latent dims, mean over the batch" in result.stdout
+    assert result.stdout.count("epoch ") >= 2
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"kl_dim0", "kl_dim3", "active_dims", "lr", "img_per_s", "beta_eff"} <= set(rows[0])
+    for r in rows:  # validation reports exactly the objective: recon + beta * KL
+        assert float(r["val_total"]) == pytest.approx(float(r["val_recon"]) + 4 * float(r["val_kl"]), rel=1e-4)
+        assert float(r["val_kl"]) == pytest.approx(sum(float(r[f"kl_dim{d}"]) for d in range(4)), rel=1e-3)
+
+
+def test_checkpoint_rebuilds_the_model(tiny_run):
+    out, _ = tiny_run
+    model, cfg = bv.load_checkpoint(out / "best.pt")
+    assert cfg.latent_dim == 4 and cfg.channels == 1 and not model.training
+    assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 64, 64)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["run"]["epoch"] == 2 and len(state["kl_per_dim"]) == 4
+
+
+def test_help_lists_every_option_with_its_default():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for f in bv.fields(bv.Config):
+        if "help" in f.metadata:
+            assert "--" + f.name.replace("_", "-") in result.stdout
+    assert "(default: 0.0001)" in result.stdout and "(default: 20000)" in result.stdout
+
+
+def test_same_seed_repeats_bit_for_bit_and_another_seed_differs(tmp_path):
+    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        assert train_in_process(tmp_path / name, "--epochs", "1", "--seed", seed) == 0
+    assert_same_weights(weights(tmp_path / "a/last.pt"), weights(tmp_path / "b/last.pt"))
+    assert not torch.equal(weights(tmp_path / "a/last.pt")["decoder.fc.weight"],
+                           weights(tmp_path / "c/last.pt")["decoder.fc.weight"])
+
+
+def test_resume_after_an_epoch_is_exact(tmp_path):
+    assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
+    assert train_in_process(tmp_path / "split", "--epochs", "1") == 0
+    assert train_in_process(tmp_path / "split", "--epochs", "2", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+    history = torch.load(tmp_path / "split/last.pt", weights_only=True)["run"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
+    calls, real_step = [], bv.train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        parts = real_step(*args, **kwargs)
+        if len(calls) == 5:  # in the middle of epoch 2 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return parts
+
+    monkeypatch.setattr(bv, "train_step", step_then_ctrl_c)
+    assert train_in_process(tmp_path / "split", "--epochs", "2") == 130
+    stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)["run"]
+    assert (stopped["epoch"], stopped["step"]) == (1, 2)
+    monkeypatch.setattr(bv, "train_step", real_step)
+    assert train_in_process(tmp_path / "split", "--epochs", "2", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls, real_terms = [], bv.loss_terms
+
+    def nan_in_epoch_two(*args, **kwargs):
+        parts = real_terms(*args, **kwargs)
+        if torch.is_grad_enabled():  # training steps only
+            calls.append(1)
+            if len(calls) == 4:
+                parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(bv, "loss_terms", nan_in_epoch_two)
+    assert train_in_process(tmp_path / "run", "--epochs", "3") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN" in err[0] and "epoch 2 step 1" in err[0]
+    state = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert state["run"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_tensorboard_logs_or_says_what_is_missing(tmp_path):
+    result = run_cli("train", *TINY, "--epochs", "1", "--tensorboard", "--out", tmp_path / "tb")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert result.returncode == 2
+        assert result.stderr.strip() == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    else:
+        assert result.returncode == 0, result.stderr
+        assert list((tmp_path / "tb/tensorboard").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear line, a non-zero exit, never a traceback
+
+class NotAllowed:
+    pass
+
+
+def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
+    out, _ = tiny_run
+    cases = {}
+    torch.save({"format": "betavae", "payload": NotAllowed()}, tmp_path / "pickled.pt")
+    cases["pickled.pt"] = "pickled Python objects"
+    (tmp_path / "truncated.pt").write_bytes((out / "best.pt").read_bytes()[:2000])
+    cases["truncated.pt"] = "truncated or not a PyTorch checkpoint"
+    (tmp_path / "text.pt").write_text("hello")
+    cases["text.pt"] = "truncated or not a PyTorch checkpoint"
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = "not written by betavae"
+    state = torch.load(out / "best.pt", weights_only=True)
+    state["config"]["latent_dim"] = 7
+    torch.save(state, tmp_path / "other_arch.pt")
+    cases["other_arch.pt"] = "another architecture"
+    cases["missing.pt"] = "no checkpoint at"
+    for name, message in cases.items():
+        with pytest.raises(bv.UserError, match=message):
+            bv.load_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+    (["--beta", "nan"], "must be a finite number"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
+    (["--out", "__FILE__/run"], "cannot write to --out"),
+])
+def test_bad_flags_give_one_line(tmp_path, flags, message):
+    (tmp_path / "file").write_text("")
+    flags = [f.replace("__FILE__", str(tmp_path / "file")) for f in flags]
+    result = run_cli("train", *TINY, "--out", tmp_path / "run", *flags) if "--out" not in flags else \
+        run_cli("train", *TINY, *flags)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_runs_are_protected_and_resume_must_match(tiny_run):
+    out, _ = tiny_run
+    again = run_cli("train", *TINY, "--out", out)
+    assert again.returncode == 2 and "already holds a run; add --resume" in again.stderr
+    changed = run_cli("train", *TINY, "--out", out, "--resume", "--beta", "8")
+    assert changed.returncode == 2 and "--beta 8.0 differs from the run being resumed (4.0)" in changed.stderr
+    done = run_cli("train", *TINY, "--out", out, "--resume", "--epochs", "2")
+    assert done.returncode == 0 and "already trained 2 epochs" in done.stdout
