@@ -6,6 +6,8 @@ Welling 2013 (VAE), Higgins et al. 2017 (beta-VAE), Burgess et al. 2018 (capacit
 
     python betavae.py train --beta 4                  # train on the built-in shapes data (no download)
     python betavae.py train --beta 4 --resume         # continue runs/shapes-beta4 from its last.pt
+    python betavae.py traverse --gif                  # latent traversal of the newest run's best.pt
+    python betavae.py interpolate / sample / reconstruct / plot
     python betavae.py --help                          # every subcommand; `train --help` every option
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 __version__ = "0.1.0"
 IMAGE_SIZE = 64
@@ -207,6 +209,12 @@ def make_datasets(cfg: Config) -> tuple[Subset, Subset]:
     dataset = DATASETS[cfg.dataset]()
     cfg.channels = dataset.channels
     return split_validation(dataset, cfg.val_size)
+
+
+def preview_images(val_set: Dataset, n: int) -> torch.Tensor:
+    """n validation images spread evenly over the validation set, (n, C, 64, 64)."""
+    positions = torch.linspace(0, len(val_set) - 1, min(n, len(val_set))).long()
+    return torch.stack([val_set[i] for i in positions.tolist()])
 
 
 def epoch_batches(train_set: Dataset, cfg: Config, generator: torch.Generator) -> list[list[int]]:
@@ -416,9 +424,8 @@ def config_from_dict(stored: dict, path) -> Config:
     return Config(**stored)
 
 
-def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
-    """Rebuild the model from a checkpoint alone: (model in eval mode, its Config)."""
-    state = read_checkpoint(path, device)
+def model_from_state(state: dict, path, device="cpu") -> tuple[BetaVAE, Config]:
+    """Rebuild the model of a read checkpoint from its stored config: (model in eval mode, Config)."""
     cfg = config_from_dict(state["config"], path)
     model = BetaVAE(cfg.latent_dim, cfg.channels)
     try:
@@ -427,6 +434,11 @@ def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise UserError(f"{path} holds a model of another architecture ({first})")
     return model.to(device).eval(), cfg
+
+
+def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
+    """Rebuild the model from a checkpoint alone: (model in eval mode, its Config)."""
+    return model_from_state(read_checkpoint(path, device), path, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,25 +518,33 @@ def write_history(history: list[dict], path: Path) -> None:
             w.writerow(values + [f"{k:.6g}" for k in row["kl_per_dim"]])
 
 
-def plot_loss_curves(history: list[dict], path: Path) -> None:
-    """Train vs validation recon, KL and total per epoch, on linear (left) and log (right) axes."""
-    import matplotlib  # imported here: it is slow to import and only the plots need it
+def pyplot():
+    """matplotlib's pyplot, imported on first use: it is slow to import and only the charts need it."""
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def draw_loss_curves(axes, history: list[dict]) -> None:
+    """Train vs validation recon, KL and total per epoch (rows), on linear and log axes (columns)."""
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
     for ax_row, term in zip(axes, ("recon", "kl", "total")):
         for ax, scale in zip(ax_row, ("linear", "log")):
             ax.plot(epochs, [r[f"train_{term}"] for r in history], "o-", label="train")
             ax.plot(epochs, [r[f"val_{term}"] for r in history], "s--", label="validation")
             ax.set_yscale(scale)
-            ax.set_ylabel(f"{term} (nats)" if term != "recon" else "recon")
+            ax.set_ylabel({"recon": "recon", "kl": "KL (nats)", "total": "objective"}[term])
             ax.set_title(f"{term}, {scale} scale")
+            ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
     axes[0][0].legend()
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
+
+
+def plot_loss_curves(history: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9))
+    draw_loss_curves(axes, history)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -604,131 +624,6 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{s:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def train(args) -> None:
-    """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume."""
-    cfg, resumed = prepare_run(args)
-    out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    fmt = memory_format(device)
-    train_set, val_set = make_datasets(cfg)
-    make_output_folder(out)
-    writer = tensorboard_writer(cfg, out)
-
-    model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
-    sampler_rng = torch.Generator().manual_seed(cfg.seed)
-    # what a checkpoint needs beyond weights: progress through the run and within the current epoch
-    run = {"epoch": 0, "step": 0, "sums": torch.zeros(3), "seen": 0, "history": [], "best": math.inf,
-           "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()}
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        run = resumed["run"]
-        set_rng_states(resumed["rng"], sampler_rng)
-        if run["epoch"] >= cfg.epochs:
-            print(f"{out} has already trained {run['epoch']} epochs; pass a larger --epochs to continue")
-            return
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
-    def checkpoint(path: Path, kl_dims=None) -> None:
-        save_checkpoint(path, {
-            "format": "betavae", "version": __version__, "config": asdict(cfg),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "run": run, "rng": rng_states(sampler_rng),
-            "kl_per_dim": kl_dims if kl_dims is not None else
-            (run["history"][-1]["kl_per_dim"] if run["history"] else None)})
-
-    # every DataLoader gets its own generator, so the global RNG sees only the model's noise: exact resume
-    val_loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
-    val_images = torch.stack([val_set[i] for i in range(8)]).to(device)
-    sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"betavae {__version__} | device {device} | {cfg.dataset}: {len(train_set):,} train / "
-          f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
-    print(describe_loss(cfg))
-    print(f"seed {cfg.seed} | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
-          f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
-
-    tty = sys.stdout.isatty()
-    session_start, session_epochs = time.perf_counter(), 0
-    with StopOnCtrlC() as stop:
-        for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
-            beta, capacity = schedule(cfg, epoch)
-            if run["step"]:  # resuming inside this epoch: replay its order from the epoch's start
-                sampler_rng.set_state(run["epoch_sampler"])
-            run["epoch_sampler"] = sampler_rng.get_state()
-            batches = epoch_batches(train_set, cfg, sampler_rng)
-            loader = DataLoader(train_set, batch_sampler=batches[run["step"]:], generator=torch.Generator())
-            model.train()
-            t0, images = time.perf_counter(), 0
-            for x in loader:
-                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                try:
-                    parts = train_step(model, optimizer, x, cfg, beta, capacity)
-                except NonFiniteLoss:
-                    raise UserError(f"the loss became NaN/inf at epoch {epoch} step {run['step'] + 1}; stopped. "
-                                    f"{out / 'last.pt'} keeps the last good epoch (try a lower --lr or --clip-grad)",
-                                    code=1)
-                run["sums"] += torch.stack([parts["recon"], parts["kl"], parts["total"]]).detach().cpu() * len(x)
-                run["seen"] += len(x)
-                run["step"] += 1
-                images += len(x)
-                if tty and run["step"] % 10 == 0:
-                    print(f"\r  epoch {epoch}: {run['step']}/{len(batches)} steps, "
-                          f"{images / (time.perf_counter() - t0):.0f} img/s", end="", flush=True)
-                if stop.requested:
-                    run["elapsed"] += time.perf_counter() - session_start
-                    checkpoint(out / "last.pt")
-                    raise UserError(f"interrupted at epoch {epoch} step {run['step']}: saved {out / 'last.pt'}; "
-                                    f"continue with --resume", code=130)
-            train_time = time.perf_counter() - t0
-            if tty:
-                print("\r" + " " * 60 + "\r", end="")
-
-            val = validate(model, val_loader, cfg, beta, capacity, device)
-            scheduler.step(val["total"])
-            train_recon, train_kl, train_total = (run["sums"] / run["seen"]).tolist()
-            session_epochs += 1
-            now = time.perf_counter()
-            row = {"epoch": epoch, "train_recon": train_recon, "train_kl": train_kl, "train_total": train_total,
-                   "val_recon": val["recon"], "val_kl": val["kl"], "val_total": val["total"],
-                   "beta_eff": beta, "capacity": capacity, "lr": optimizer.param_groups[0]["lr"],
-                   "active_dims": active_dims(val["kl_per_dim"]), "img_per_s": images / max(train_time, 1e-9),
-                   "elapsed_s": run["elapsed"] + now - session_start, "kl_per_dim": val["kl_per_dim"]}
-            run["history"].append(row)
-            run.update(epoch=epoch, step=0, sums=torch.zeros(3), seen=0)
-
-            save_epoch_images(model, val_images, sample_z, out, epoch, writer)
-            write_history(run["history"], out / "history.csv")
-            plot_loss_curves(run["history"], out / "loss_curves.png")
-            if writer is not None:
-                log_tensorboard(writer, row)
-            # under warm-up or capacity annealing the objective changes each epoch: compare final ones only
-            if schedule_done(cfg, epoch):
-                is_best = val["total"] < run["best"]
-                run["best"] = min(run["best"], val["total"])
-            else:
-                is_best = True  # until the schedule settles, the newest model is the best there is
-            run["elapsed"] += now - session_start
-            session_start = now
-            checkpoint(out / "last.pt", val["kl_per_dim"])
-            if is_best:
-                checkpoint(out / "best.pt", val["kl_per_dim"])
-
-            eta = row["elapsed_s"] / epoch * (cfg.epochs - epoch)
-            print(format_epoch(row, cfg, eta), flush=True)
-            warn_if_stuck(run["history"], cfg)
-            if stop.requested:
-                raise UserError(f"interrupted after epoch {epoch}: saved {out / 'last.pt'}; continue with --resume",
-                                code=130)
-    if writer is not None:
-        writer.close()
-    print(f"done: {out / 'best.pt'} (best validation objective), {out / 'last.pt'}, {out / 'history.csv'}")
-
-
 def format_epoch(row: dict, cfg: Config, eta: float) -> str:
     """One line per epoch: losses, schedule, active dims, lr, speed and time."""
     schedule_part = f"beta {row['beta_eff']:.3g}" if row["capacity"] is None else f"C {row['capacity']:.3g}"
@@ -764,6 +659,435 @@ def log_tensorboard(writer, row: dict) -> None:
     writer.add_scalar("speed/img_per_s", row["img_per_s"], row["epoch"])
 
 
+def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, capacity, run: dict,
+                stop: StopOnCtrlC, device) -> tuple[int, float]:
+    """Train on the epoch's remaining batches, adding the losses to `run`; stops early between steps
+    after Ctrl-C. Returns (images seen, seconds)."""
+    model.train()
+    fmt, tty = memory_format(device), sys.stdout.isatty()
+    t0, images, total_steps = time.perf_counter(), 0, run["step"] + len(loader)
+    for x in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        try:
+            parts = train_step(model, optimizer, x, cfg, beta, capacity)
+        except NonFiniteLoss:
+            raise UserError(f"the loss became NaN/inf at epoch {epoch} step {run['step'] + 1}; stopped. "
+                            f"{cfg.out}/last.pt keeps the last good epoch (try a lower --lr or --clip-grad)", code=1)
+        run["sums"] += torch.stack([parts["recon"], parts["kl"], parts["total"]]).detach().cpu() * len(x)
+        run["seen"] += len(x)
+        run["step"] += 1
+        images += len(x)
+        if tty and run["step"] % 10 == 0:
+            print(f"\r  epoch {epoch}: {run['step']}/{total_steps} steps, "
+                  f"{images / (time.perf_counter() - t0):.0f} img/s", end="", flush=True)
+        if stop.requested:
+            break
+    if tty:
+        print("\r" + " " * 60 + "\r", end="")
+    return images, time.perf_counter() - t0
+
+
+def train(args) -> None:
+    """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume."""
+    cfg, resumed = prepare_run(args)
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    train_set, val_set = make_datasets(cfg)
+    make_output_folder(out)
+    writer = tensorboard_writer(cfg, out)
+
+    model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=memory_format(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed)
+    # what a checkpoint needs beyond weights: progress through the run and within the current epoch
+    run = {"epoch": 0, "step": 0, "sums": torch.zeros(3), "seen": 0, "history": [], "best": math.inf,
+           "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()}
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        run = resumed["run"]
+        set_rng_states(resumed["rng"], sampler_rng)
+        if run["epoch"] >= cfg.epochs:
+            print(f"{out} has already trained {run['epoch']} epochs; pass a larger --epochs to continue")
+            return
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(path, {
+            "format": "betavae", "version": __version__, "config": asdict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "run": run, "rng": rng_states(sampler_rng),
+            # the latest validation KL of every dim: the figures rank the latent dims by it
+            "kl_per_dim": run["history"][-1]["kl_per_dim"] if run["history"] else None})
+
+    # every DataLoader gets its own generator, so the global RNG sees only the model's noise: exact resume
+    val_loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
+    val_images = preview_images(val_set, 8).to(device)
+    sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"betavae {__version__} | device {device} | {cfg.dataset}: {len(train_set):,} train / "
+          f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
+    print(describe_loss(cfg))
+    print(f"seed {cfg.seed} | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
+          f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
+
+    session_start = time.perf_counter()
+    with StopOnCtrlC() as stop:
+        for epoch in range(run["epoch"] + 1, cfg.epochs + 1):
+            beta, capacity = schedule(cfg, epoch)
+            if run["step"]:  # resuming inside this epoch: replay its order from the epoch's start
+                sampler_rng.set_state(run["epoch_sampler"])
+            run["epoch_sampler"] = sampler_rng.get_state()
+            batches = epoch_batches(train_set, cfg, sampler_rng)
+            loader = DataLoader(train_set, batch_sampler=batches[run["step"]:], generator=torch.Generator())
+            images, seconds = train_epoch(model, optimizer, loader, cfg, epoch, beta, capacity, run, stop, device)
+            if stop.requested and run["step"] < len(batches):
+                run["elapsed"] += time.perf_counter() - session_start
+                checkpoint(out / "last.pt")
+                raise UserError(f"interrupted at epoch {epoch} step {run['step']}: saved {out / 'last.pt'}; "
+                                f"continue with --resume", code=130)
+
+            val = validate(model, val_loader, cfg, beta, capacity, device)
+            scheduler.step(val["total"])
+            train_recon, train_kl, train_total = (run["sums"] / run["seen"]).tolist()
+            now = time.perf_counter()
+            row = {"epoch": epoch, "train_recon": train_recon, "train_kl": train_kl, "train_total": train_total,
+                   "val_recon": val["recon"], "val_kl": val["kl"], "val_total": val["total"],
+                   "beta_eff": beta, "capacity": capacity, "lr": optimizer.param_groups[0]["lr"],
+                   "active_dims": active_dims(val["kl_per_dim"]), "img_per_s": images / max(seconds, 1e-9),
+                   "elapsed_s": run["elapsed"] + now - session_start, "kl_per_dim": val["kl_per_dim"]}
+            run["history"].append(row)
+            run.update(epoch=epoch, step=0, sums=torch.zeros(3), seen=0)
+
+            save_epoch_images(model, val_images, sample_z, out, epoch, writer)
+            write_history(run["history"], out / "history.csv")
+            plot_loss_curves(run["history"], out / "loss_curves.png")
+            if writer is not None:
+                log_tensorboard(writer, row)
+            # under warm-up or capacity annealing the objective changes each epoch: compare final ones only
+            if schedule_done(cfg, epoch):
+                is_best = val["total"] < run["best"]
+                run["best"] = min(run["best"], val["total"])
+            else:
+                is_best = True  # until the schedule settles, the newest model is the best there is
+            run["elapsed"] += now - session_start
+            session_start = now
+            checkpoint(out / "last.pt")
+            if is_best:
+                checkpoint(out / "best.pt")
+
+            eta = row["elapsed_s"] / epoch * (cfg.epochs - epoch)
+            print(format_epoch(row, cfg, eta), flush=True)
+            warn_if_stuck(run["history"], cfg)
+            if stop.requested:
+                raise UserError(f"interrupted after epoch {epoch}: saved {out / 'last.pt'}; continue with --resume",
+                                code=130)
+    if writer is not None:
+        writer.close()
+    print(f"done: {out / 'best.pt'} (best validation objective), {out / 'last.pt'}, {out / 'history.csv'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Visualisation: the tutorial's pictures, each made from a checkpoint alone and decoded in one batch.
+
+CELL = IMAGE_SIZE + 2  # make_grid puts 2 px of padding around every image
+LABEL_WIDTH, HEADER_HEIGHT = 84, 22
+
+
+def newest_checkpoint() -> Path:
+    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError("no checkpoint in runs/*/best.pt: train one first, or pass --checkpoint")
+    return found[-1]
+
+
+def open_checkpoint(args) -> tuple[BetaVAE, Config, dict, Path, torch.device]:
+    """The figure commands' common start: the checkpoint (given or newest), its model and device."""
+    path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
+    device = pick_device(args.device)
+    state = read_checkpoint(path, device)
+    model, cfg = model_from_state(state, path, device)
+    return model, cfg, state, path, device
+
+
+def figure_path(args, checkpoint: Path, name: str) -> Path:
+    """--out, or a file named after the figure in the run's folder."""
+    path = Path(args.out) if args.out else checkpoint.parent / name
+    make_output_folder(path.parent)
+    return path
+
+
+@torch.no_grad()
+def validation_kl(model: BetaVAE, cfg: Config, device) -> list[float]:
+    """Mean KL of every latent dim over the validation data, in nats."""
+    _, val_set = make_datasets(cfg)
+    total = torch.zeros(cfg.latent_dim, device=device)
+    for x in DataLoader(val_set, batch_size=256, generator=torch.Generator()):
+        total += kl_per_dim(*model.encode(x.to(device))).sum(0)
+    return (total / len(val_set)).tolist()
+
+
+def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[int, float]]:
+    """(dim, mean validation KL) pairs, most informative first: stored at the end of every epoch,
+    measured now for a checkpoint saved by Ctrl-C inside its first epoch."""
+    kl = state.get("kl_per_dim") or validation_kl(model, cfg, device)
+    return sorted(enumerate(kl), key=lambda pair: -pair[1])
+
+
+def select_dims(ranking: list[tuple[int, float]], spec: str) -> list[tuple[int, float]]:
+    """--dims: `auto` (the active dims, at most 10), `K` (the top K) or `3,17,40` (those), in KL order."""
+    n = len(ranking)
+    if spec == "auto":
+        active = [pair for pair in ranking if pair[1] > 0.01][:10]
+        if not active:
+            print("note: no latent dim carries more than 0.01 nats; showing the top 10")
+        return active or ranking[:10]
+    try:
+        dims = [int(d) for d in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--dims {spec!r}: give auto, a count like 8, or indices like 3,17,40")
+    if "," not in spec:
+        if not 1 <= dims[0] <= n:
+            raise UserError(f"--dims {spec}: the model has {n} latent dims, so give 1 to {n}")
+        return ranking[:dims[0]]
+    bad = [d for d in dims if not 0 <= d < n]
+    if bad:
+        raise UserError(f"--dims {spec}: {bad} out of range; the model's latent dims are 0 to {n - 1}")
+    return [pair for pair in ranking if pair[0] in dims]
+
+
+def read_image(path, channels: int) -> torch.Tensor:
+    """An image file as a (1, C, 64, 64) tensor in [0, 1]; other sizes and colour modes are converted."""
+    from PIL import Image
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as e:  # missing, unreadable, or not an image at all
+        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})")
+    mode, changes = ("L" if channels == 1 else "RGB"), []
+    if image.mode != mode:
+        changes.append(f"converted {image.mode} to {mode}")
+        image = image.convert(mode)
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        w, h = image.size
+        side = min(w, h)
+        changes.append(f"centre-cropped and resized {w}x{h} to {IMAGE_SIZE}x{IMAGE_SIZE}")
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    if changes:
+        print(f"note: {path}: {', '.join(changes)}")
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
+    return array.reshape(IMAGE_SIZE, IMAGE_SIZE, channels).permute(2, 0, 1).unsqueeze(0)
+
+
+def dataset_images(cfg: Config, indices: list[int]) -> torch.Tensor:
+    """Items of the checkpoint's dataset, (N, C, 64, 64)."""
+    dataset = DATASETS[cfg.dataset]()
+    for i in indices:
+        if not 0 <= i < len(dataset):
+            raise UserError(f"--index {i} is outside {cfg.dataset}'s {len(dataset):,} images (0 to {len(dataset) - 1})")
+    return torch.stack([dataset[i] for i in indices])
+
+
+def grid_image(images: torch.Tensor, nrow: int):
+    """A PIL image of a torchvision grid: `nrow` images per row, 2 px padding."""
+    from PIL import Image
+    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
+def labelled(grid, row_labels=(), column_labels=()):
+    """The grid with a label column on the left (one or two lines per row) and a header of column labels."""
+    from PIL import Image, ImageDraw, ImageFont
+    left = LABEL_WIDTH if row_labels else 0
+    top = HEADER_HEIGHT if column_labels else 0
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=13)
+    for i, label in enumerate(row_labels):
+        lines = label.split("\n")
+        for k, line in enumerate(lines):
+            y = top + 2 + i * CELL + IMAGE_SIZE // 2 + (k - (len(lines) - 1) / 2) * 16
+            draw.text((6, y), line, fill="black", font=font, anchor="lm")
+    for j, label in enumerate(column_labels):
+        draw.text((left + 2 + j * CELL + IMAGE_SIZE // 2, top // 2), label, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def save_figure(image, path: Path, what: str) -> None:
+    image.save(path)
+    print(f"wrote {what}: {path}")
+
+
+def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
+    """(len(dims) * len(values), D) codes: row i sweeps dim dims[i] over `values`, the rest stay at base."""
+    codes = base.reshape(1, 1, -1).repeat(len(dims), len(values), 1)  # (rows, columns, D)
+    for row, d in enumerate(dims):
+        codes[row, :, d] = values
+    return codes.flatten(0, 1)
+
+
+def base_code(args, model: BetaVAE, cfg: Config, device) -> torch.Tensor:
+    """The code the traversal starts from: the prior mean 0 with --prior, else mu of --image, of
+    --index, or of the dataset item in the middle of every factor (for shapes: a centred ellipse)."""
+    if args.prior:
+        return torch.zeros(cfg.latent_dim, device=device)
+    if args.image:
+        x = read_image(args.image, cfg.channels)
+    else:
+        dataset = DATASETS[cfg.dataset]()
+        middle = int(np.ravel_multi_index([s // 2 for s in dataset.factor_sizes], dataset.factor_sizes))
+        x = dataset_images(cfg, [middle if args.index is None else args.index])
+    return model.encode(x.to(device))[0][0]
+
+
+@torch.no_grad()
+def traverse(args) -> None:
+    """Latent traversal: each row sweeps one latent dim from -range to +range, the others held fixed."""
+    if args.steps < 2 or args.range <= 0:
+        raise UserError("--steps must be >= 2 and --range > 0")
+    model, cfg, state, path, device = open_checkpoint(args)
+    shown = select_dims(kl_ranking(state, model, cfg, device), args.dims)
+    dims = [d for d, _ in shown]
+    values = torch.linspace(-args.range, args.range, args.steps, device=device)
+    images = model.decode(traversal_codes(base_code(args, model, cfg, device), dims, values))
+    rows = [f"dim {d}\n{kl:.2f} nats" for d, kl in shown]
+    columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]  # + 0.0 turns -0.0 into 0.0
+    out = figure_path(args, path, "traverse.png")
+    save_figure(labelled(grid_image(images, args.steps), rows, columns), out, "traversal")
+    if args.gif:
+        frames_by_value = images.reshape(len(dims), args.steps, *images.shape[1:]).transpose(0, 1)
+        frames = [labelled(grid_image(f, len(dims)), column_labels=[f"dim {d}" for d in dims])
+                  for f in frames_by_value]
+        frames += frames[-2:0:-1]  # there and back again, so the loop has no jump
+        gif = out.with_suffix(".gif")
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0)
+        print(f"wrote animation: {gif}")
+
+
+def interpolation_codes(a: torch.Tensor, b: torch.Tensor, steps: int, slerp: bool) -> torch.Tensor:
+    """(steps, D) codes from a (t=0) to b (t=1): linear, or spherical (constant angular speed)."""
+    t = torch.linspace(0, 1, steps, device=a.device)[:, None]
+    omega = torch.arccos(torch.clamp(F.cosine_similarity(a, b, dim=0), -1, 1))
+    if not slerp or omega < 1e-4:  # nearly parallel codes: slerp reduces to lerp
+        return (1 - t) * a + t * b
+    codes = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    codes[0], codes[-1] = a, b  # exact ends, whatever the rounding
+    return codes
+
+
+@torch.no_grad()
+def interpolate(args) -> None:
+    """Rows of decoded codes between two images' mu, with the two originals at the ends."""
+    if args.steps < 2:
+        raise UserError("--steps must be >= 2")
+    model, cfg, _, path, device = open_checkpoint(args)
+    if args.images:
+        x = torch.cat([read_image(p, cfg.channels) for p in args.images])
+    elif args.index:
+        if len(args.index) % 2:
+            raise UserError("--index takes pairs of indices: A B [C D ...]")
+        x = dataset_images(cfg, args.index)
+    else:
+        n = len(DATASETS[cfg.dataset]())
+        x = dataset_images(cfg, torch.randint(n, (2 * args.pairs,), generator=torch.Generator().manual_seed(args.seed)).tolist())
+    x = x.to(device)
+    mu = model.encode(x)[0]
+    codes = torch.cat([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
+    decoded = model.decode(codes).reshape(len(x) // 2, args.steps, *x.shape[1:])
+    rows = torch.cat([x[0::2, None], decoded, x[1::2, None]], dim=1).flatten(0, 1)  # A, z(t)..., B per row
+    columns = ["A"] + [f"t={t:.2f}" for t in torch.linspace(0, 1, args.steps).tolist()] + ["B"]
+    out = figure_path(args, path, "interpolate.png")
+    save_figure(labelled(grid_image(rows, args.steps + 2), column_labels=columns), out, "interpolation")
+
+
+@torch.no_grad()
+def sample(args) -> None:
+    """Images decoded from z ~ N(0, temperature^2 I)."""
+    if args.n < 1 or args.temperature <= 0:
+        raise UserError("--n must be >= 1 and --temperature > 0")
+    model, cfg, _, path, device = open_checkpoint(args)
+    z = torch.randn(args.n, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed)) * args.temperature
+    images = model.decode(z.to(device))
+    out = figure_path(args, path, "samples.png")
+    save_figure(grid_image(images, math.ceil(math.sqrt(args.n))), out, f"{args.n} samples")
+
+
+@torch.no_grad()
+def reconstruct(args) -> None:
+    """Validation images above their reconstructions from mu, each labelled with its error."""
+    if args.n < 1:
+        raise UserError("--n must be >= 1")
+    model, cfg, _, path, device = open_checkpoint(args)
+    _, val_set = make_datasets(cfg)
+    x = preview_images(val_set, args.n).to(device)
+    logits = model.decoder.logits(model.encode(x)[0])
+    errors = [recon_loss(logits[i:i + 1], x[i:i + 1], cfg.recon).item() for i in range(len(x))]
+    recon = torch.sigmoid(logits)
+    blocks = []
+    for start in range(0, len(x), 8):  # blocks of 8 columns: originals, reconstructions, errors above
+        part = slice(start, start + 8)
+        width = len(x[part])
+        grid = grid_image(torch.cat([x[part], recon[part]]), width)
+        blocks.append(labelled(grid, column_labels=[f"{cfg.recon} {e:.1f}" for e in errors[part]]))
+    from PIL import Image
+    figure = Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks)), "white")
+    for k, block in enumerate(blocks):
+        figure.paste(block, (0, sum(b.height for b in blocks[:k])))
+    out = figure_path(args, path, "reconstruct.png")
+    save_figure(figure, out, f"{len(x)} reconstructions (mean {cfg.recon} {sum(errors) / len(errors):.2f})")
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv back into the rows train() wrote."""
+    if not path.is_file():
+        raise UserError(f"no history.csv in {path.parent}")
+    try:
+        rows = list(csv.DictReader(open(path)))
+        return [{"epoch": int(r["epoch"]), "capacity": float(r["capacity"]) if r["capacity"] else None,
+                 **{k: float(r[k]) for k in HISTORY_FIELDS if k not in ("epoch", "capacity")},
+                 "kl_per_dim": [float(r[k]) for k in r if k.startswith("kl_dim")]} for r in rows]
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path} is not a betavae history.csv")
+
+
+def plot(args) -> None:
+    """The run's loss curves, its final per-dim KL (sorted) and its beta_eff / capacity / lr schedule."""
+    run = Path(args.run) if args.run else newest_checkpoint().parent
+    history = read_history(run / "history.csv")
+    if not history:
+        raise UserError(f"{run / 'history.csv'} has no epochs yet")
+    plt = pyplot()
+    fig, axes = plt.subplots(4, 2, figsize=(11, 12))
+    draw_loss_curves(axes[:3], history)
+    kl = sorted(history[-1]["kl_per_dim"], reverse=True)
+    axes[3][0].bar(range(len(kl)), kl)
+    axes[3][0].set(title=f"KL per latent dim after epoch {history[-1]['epoch']}, sorted "
+                         f"({active_dims(kl)} active)", xlabel="latent dims, most informative first", ylabel="nats")
+    epochs = [r["epoch"] for r in history]
+    ax = axes[3][1]
+    if history[-1]["capacity"] is None:
+        ax.plot(epochs, [r["beta_eff"] for r in history], "o-", label="beta_eff")
+    else:
+        ax.plot(epochs, [r["capacity"] for r in history], "o-", label="capacity C (nats)")
+    ax.set(title="schedule", xlabel="epoch")
+    lr_axis = ax.twinx()
+    lr_axis.plot(epochs, [r["lr"] for r in history], "r--", label="lr")
+    lr_axis.set_yscale("log")
+    lr_axis.set_ylabel("learning rate")
+    ax.legend(loc="upper left")
+    lr_axis.legend(loc="upper right")
+    fig.tight_layout()
+    out = Path(args.out) if args.out else run / "plot.png"
+    make_output_folder(out.parent)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    print(f"wrote plots: {out}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: one subcommand per function; parsing happens only in main().
 
@@ -796,6 +1120,51 @@ def build_parser() -> Parser:
     add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.set_defaults(func=train)
+
+    figure = Parser(add_help=False)  # what every picture command shares
+    figure.add_argument("--checkpoint", help="checkpoint to read (default: the newest runs/*/best.pt)")
+    figure.add_argument("--out", help="PNG to write (default: a file in the checkpoint's folder)")
+    figure.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run the model (default: auto)")
+
+    p = commands.add_parser("traverse", parents=[figure], help="latent traversal grid", description=traverse.__doc__)
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--image", help="base code: mu of this image file")
+    base.add_argument("--index", type=int, help="base code: mu of this item of the checkpoint's dataset "
+                      "(default: the item in the middle of every factor)")
+    base.add_argument("--prior", action="store_true", help="base code: the prior mean 0")
+    p.add_argument("--dims", default="auto", help="auto (active dims, at most 10), a count K, or 3,17,40 (default: auto)")
+    p.add_argument("--range", type=float, default=3.0, help="sweep each dim from -range to +range (default: 3)")
+    p.add_argument("--steps", type=int, default=11, help="values per dim (default: 11)")
+    p.add_argument("--gif", action="store_true", help="also write an animated GIF sweeping every shown dim")
+    p.set_defaults(func=traverse)
+
+    p = commands.add_parser("interpolate", parents=[figure], help="interpolate between images",
+                            description=interpolate.__doc__)
+    pair = p.add_mutually_exclusive_group()
+    pair.add_argument("--index", type=int, nargs="+", help="dataset items, in pairs: A B [C D ...]")
+    pair.add_argument("--images", nargs=2, metavar=("A", "B"), help="two image files")
+    p.add_argument("--pairs", type=int, default=4, help="random dataset pairs when no images are given (default: 4)")
+    p.add_argument("--steps", type=int, default=10, help="decoded points per row (default: 10)")
+    p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    p.add_argument("--seed", type=int, default=0, help="picks the random pairs (default: 0)")
+    p.set_defaults(func=interpolate)
+
+    p = commands.add_parser("sample", parents=[figure], help="decode samples of the prior", description=sample.__doc__)
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="scales the prior's std (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of z (default: 0)")
+    p.set_defaults(func=sample)
+
+    p = commands.add_parser("reconstruct", parents=[figure], help="validation images and their reconstructions",
+                            description=reconstruct.__doc__)
+    p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
+    p.set_defaults(func=reconstruct)
+
+    p = commands.add_parser("plot", help="charts of a run's history.csv", description=plot.__doc__)
+    p.add_argument("--run", help="run folder (default: the newest runs/* with a best.pt)")
+    p.add_argument("--out", help="PNG to write (default: RUN/plot.png)")
+    p.set_defaults(func=plot)
     return parser
 
 

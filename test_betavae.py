@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # OpenMP busy-waiting makes 2-thread torch several times slower on a shared machine; set before torch loads
@@ -386,8 +387,11 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
 def test_bad_flags_give_one_line(tmp_path, flags, message):
     (tmp_path / "file").write_text("")
     flags = [f.replace("__FILE__", str(tmp_path / "file")) for f in flags]
-    result = run_cli("train", *TINY, "--out", tmp_path / "run", *flags) if "--out" not in flags else \
-        run_cli("train", *TINY, *flags)
+    out = [] if "--out" in flags else ["--out", tmp_path / "run"]
+    assert_one_line_error(run_cli("train", *TINY, *out, *flags), message)
+
+
+def assert_one_line_error(result, message):
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -401,3 +405,150 @@ def test_existing_runs_are_protected_and_resume_must_match(tiny_run):
     assert changed.returncode == 2 and "--beta 8.0 differs from the run being resumed (4.0)" in changed.stderr
     done = run_cli("train", *TINY, "--out", out, "--resume", "--epochs", "2")
     assert done.returncode == 0 and "already trained 2 epochs" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures: traverse, interpolate, sample, reconstruct, plot
+
+def png(path):
+    from PIL import Image
+    return Image.open(path)
+
+
+def tile(image, row, col, left=0, top=0):
+    """The 64x64 cell (row, col) of a figure, as floats in [0, 1] (first colour channel)."""
+    x, y = left + 2 + col * bv.CELL, top + 2 + row * bv.CELL
+    return torch.from_numpy(np.asarray(image.convert("L").crop((x, y, x + 64, y + 64)), dtype=np.float32)) / 255
+
+
+def grid_size(columns, rows):
+    return columns * bv.CELL + 2, rows * bv.CELL + 2
+
+
+def test_every_picture_command_writes_an_image_of_the_expected_size(tiny_run, tmp_path):
+    out, _ = tiny_run
+    ckpt = ["--checkpoint", out / "best.pt"]
+    cases = [
+        (["traverse", "--dims", "3", "--steps", "5", "--gif"], (bv.LABEL_WIDTH, bv.HEADER_HEIGHT), grid_size(5, 3)),
+        (["interpolate", "--index", "0", "1", "2", "3", "--steps", "4"], (0, bv.HEADER_HEIGHT), grid_size(6, 2)),
+        (["sample", "--n", "10"], (0, 0), grid_size(4, 3)),
+        (["reconstruct", "--n", "10"], (0, 2 * bv.HEADER_HEIGHT + grid_size(2, 2)[1]), grid_size(8, 2)),
+    ]
+    for args, (extra_w, extra_h), (w, h) in cases:
+        target = tmp_path / f"{args[0]}.png"
+        result = run_cli(*args, *ckpt, "--out", target)
+        assert result.returncode == 0, result.stderr
+        assert str(target) in result.stdout
+        assert png(target).size == (w + extra_w, h + extra_h), args[0]
+    gif = png(tmp_path / "traverse.gif")
+    assert gif.n_frames == 2 * 5 - 2 and gif.size == (grid_size(3, 1)[0], bv.HEADER_HEIGHT + grid_size(3, 1)[1])
+    result = run_cli("plot", "--run", out, "--out", tmp_path / "plot.png")
+    assert result.returncode == 0, result.stderr
+    assert png(tmp_path / "plot.png").size == (880, 960)
+
+
+def test_figures_default_to_the_newest_run_folder(tiny_run, tmp_path):
+    out, _ = tiny_run
+    (tmp_path / "runs").mkdir()
+    os.symlink(out, tmp_path / "runs" / "tiny")
+    result = run_cli("sample", "--n", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "samples.png").is_file() and str(Path("runs/tiny/samples.png")) in result.stdout
+    result = run_cli("plot", cwd=tmp_path)
+    assert result.returncode == 0 and (out / "plot.png").is_file()
+
+
+def test_dims_are_chosen_in_kl_order():
+    ranking = [(2, 3.0), (0, 1.5), (3, 0.2), (1, 0.001)]
+    assert bv.select_dims(ranking, "auto") == ranking[:3]  # active dims only
+    assert bv.select_dims(ranking, "2") == ranking[:2]
+    assert bv.select_dims(ranking, "1,2") == [(2, 3.0), (1, 0.001)]
+    for bad in ["5", "0", "4,1", "x"]:
+        with pytest.raises(bv.UserError):
+            bv.select_dims(ranking, bad)
+
+
+def test_traversal_rows_follow_kl_and_change_only_their_dim(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_cli("traverse", "--checkpoint", out / "best.pt", "--dims", "4", "--steps", "3", "--index", "12345",
+                     "--out", tmp_path / "t.png")
+    assert result.returncode == 0, result.stderr
+    model, cfg = bv.load_checkpoint(out / "best.pt")
+    state = torch.load(out / "best.pt", weights_only=True)
+    ranking = bv.kl_ranking(state, model, cfg, "cpu")
+    assert [kl for _, kl in ranking] == sorted(state["kl_per_dim"], reverse=True)
+    dims = [d for d, _ in ranking]
+    with torch.no_grad():
+        base = model.encode(bv.Shapes()[12345][None])[0][0]
+        values = torch.tensor([-3.0, 0.0, 3.0])
+        codes = bv.traversal_codes(base, dims, values)
+        for i, d in enumerate(dims):  # each row moves its own dim and nothing else
+            row = codes[i * 3:(i + 1) * 3]
+            others = [k for k in range(4) if k != d]
+            assert torch.equal(row[:, others], base[others].expand(3, 3))
+            assert torch.equal(row[:, d], values)
+        images = model.decode(codes)
+    figure = png(tmp_path / "t.png")
+    for i in range(4):
+        for j in range(3):
+            torch.testing.assert_close(tile(figure, i, j, bv.LABEL_WIDTH, bv.HEADER_HEIGHT), images[i * 3 + j, 0],
+                                       atol=1.5 / 255, rtol=0)
+
+
+def test_interpolation_ends_are_the_decoded_means(tiny_run, tmp_path):
+    a, b = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 3.0, -1.0])
+    for slerp in (False, True):
+        codes = bv.interpolation_codes(a, b, 5, slerp)
+        assert torch.equal(codes[0], a) and torch.equal(codes[-1], b)
+    torch.testing.assert_close(bv.interpolation_codes(a, b, 3, False)[1], (a + b) / 2)
+    unit_a, unit_b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # slerp keeps the norm on a circle
+    torch.testing.assert_close(bv.interpolation_codes(unit_a, unit_b, 5, True).norm(dim=1), torch.ones(5))
+
+    out, _ = tiny_run
+    result = run_cli("interpolate", "--checkpoint", out / "best.pt", "--index", "7", "654321", "--steps", "5",
+                     "--out", tmp_path / "i.png")
+    assert result.returncode == 0, result.stderr
+    model, _ = bv.load_checkpoint(out / "best.pt")
+    x = torch.stack([bv.Shapes()[7], bv.Shapes()[654321]])
+    with torch.no_grad():
+        ends = model.decode(model.encode(x)[0])
+    figure = png(tmp_path / "i.png")
+    torch.testing.assert_close(tile(figure, 0, 0, top=bv.HEADER_HEIGHT), x[0, 0])  # original A
+    torch.testing.assert_close(tile(figure, 0, 1, top=bv.HEADER_HEIGHT), ends[0, 0], atol=1.5 / 255, rtol=0)
+    torch.testing.assert_close(tile(figure, 0, 5, top=bv.HEADER_HEIGHT), ends[1, 0], atol=1.5 / 255, rtol=0)
+    torch.testing.assert_close(tile(figure, 0, 6, top=bv.HEADER_HEIGHT), x[1, 0])  # original B
+
+
+def test_images_of_another_size_and_mode_are_converted(tiny_run, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (100, 80), (255, 255, 255)).save(tmp_path / "wide.png")
+    out, _ = tiny_run
+    result = run_cli("traverse", "--checkpoint", out / "best.pt", "--image", tmp_path / "wide.png",
+                     "--out", tmp_path / "t.png")
+    assert result.returncode == 0, result.stderr
+    assert "converted RGB to L" in result.stdout and "resized 100x80 to 64x64" in result.stdout
+    x = bv.read_image(tmp_path / "wide.png", 1)
+    assert x.shape == (1, 1, 64, 64) and torch.equal(x, torch.ones_like(x))
+
+
+def test_picture_commands_reject_bad_input(tiny_run, tmp_path):
+    out, _ = tiny_run
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "truncated.pt").write_bytes((out / "best.pt").read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    ckpt = ["--checkpoint", out / "best.pt"]
+    cases = [
+        (["traverse", "--checkpoint", tmp_path / "missing.pt"], "no checkpoint at"),
+        (["sample", "--checkpoint", tmp_path / "truncated.pt"], "truncated or not a PyTorch checkpoint"),
+        (["reconstruct", "--checkpoint", tmp_path / "foreign.pt"], "not written by betavae"),
+        (["traverse", *ckpt, "--dims", "9"], "the model has 4 latent dims"),
+        (["traverse", *ckpt, "--dims", "1,4"], "[4] out of range"),
+        (["traverse", *ckpt, "--image", tmp_path / "notes.png"], "cannot read"),
+        (["interpolate", *ckpt, "--images", tmp_path / "notes.png", tmp_path / "notes.png"], "cannot read"),
+        (["traverse", *ckpt, "--index", "737280"], "--index 737280 is outside shapes"),
+        (["interpolate", *ckpt, "--index", "1", "2", "3"], "pairs"),
+        (["sample", *ckpt, "--n", "0"], "--n must be >= 1"),
+        (["plot", "--run", tmp_path], "no history.csv"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run_cli(*args, "--out", tmp_path / "x.png"), message)
