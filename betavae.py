@@ -30,18 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
+
+# torch-free helpers shared with infer_onnx.py, so that both tools draw the same pictures
+from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_codes, interpolation_figure, labelled,
+                        read_image, report_errors, save_figure, select_dims, stack_vertically, traversal_codes,
+                        traversal_gif, traversal_labels, traversal_values)
 
 __version__ = "0.1.0"
 IMAGE_SIZE = 64
-
-
-class UserError(Exception):
-    """A problem with the user's input or files: main() prints it as one line and exits non-zero."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,7 +405,7 @@ def read_checkpoint(path, device="cpu") -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same to a user
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # the weights-only unpickler met a Python class
             raise UserError(f"{path} holds pickled Python objects, not a betavae checkpoint; refusing to load it")
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint")
     if not isinstance(state, dict) or state.get("format") != "betavae":
@@ -793,10 +790,6 @@ def train(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Visualisation: the tutorial's pictures, each made from a checkpoint alone and decoded in one batch.
 
-CELL = IMAGE_SIZE + 2  # make_grid puts 2 px of padding around every image
-LABEL_WIDTH, HEADER_HEIGHT = 84, 22
-
-
 def newest_checkpoint() -> Path:
     found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -837,52 +830,6 @@ def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[i
     return sorted(enumerate(kl), key=lambda pair: -pair[1])
 
 
-def select_dims(ranking: list[tuple[int, float]], spec: str) -> list[tuple[int, float]]:
-    """--dims: `auto` (the active dims, at most 10), `K` (the top K) or `3,17,40` (those), in KL order."""
-    n = len(ranking)
-    if spec == "auto":
-        active = [pair for pair in ranking if pair[1] > 0.01][:10]
-        if not active:
-            print("note: no latent dim carries more than 0.01 nats; showing the top 10")
-        return active or ranking[:10]
-    try:
-        dims = [int(d) for d in spec.split(",")]
-    except ValueError:
-        raise UserError(f"--dims {spec!r}: give auto, a count like 8, or indices like 3,17,40")
-    if "," not in spec:
-        if not 1 <= dims[0] <= n:
-            raise UserError(f"--dims {spec}: the model has {n} latent dims, so give 1 to {n}")
-        return ranking[:dims[0]]
-    bad = [d for d in dims if not 0 <= d < n]
-    if bad:
-        raise UserError(f"--dims {spec}: {bad} out of range; the model's latent dims are 0 to {n - 1}")
-    return [pair for pair in ranking if pair[0] in dims]
-
-
-def read_image(path, channels: int) -> torch.Tensor:
-    """An image file as a (1, C, 64, 64) tensor in [0, 1]; other sizes and colour modes are converted."""
-    from PIL import Image
-    try:
-        image = Image.open(path)
-        image.load()
-    except OSError as e:  # missing, unreadable, or not an image at all
-        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})")
-    mode, changes = ("L" if channels == 1 else "RGB"), []
-    if image.mode != mode:
-        changes.append(f"converted {image.mode} to {mode}")
-        image = image.convert(mode)
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        w, h = image.size
-        side = min(w, h)
-        changes.append(f"centre-cropped and resized {w}x{h} to {IMAGE_SIZE}x{IMAGE_SIZE}")
-        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    if changes:
-        print(f"note: {path}: {', '.join(changes)}")
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
-    return array.reshape(IMAGE_SIZE, IMAGE_SIZE, channels).permute(2, 0, 1).unsqueeze(0)
-
-
 def dataset_images(cfg: Config, indices: list[int]) -> torch.Tensor:
     """Items of the checkpoint's dataset, (N, C, 64, 64)."""
     dataset = DATASETS[cfg.dataset]()
@@ -892,42 +839,8 @@ def dataset_images(cfg: Config, indices: list[int]) -> torch.Tensor:
     return torch.stack([dataset[i] for i in indices])
 
 
-def grid_image(images: torch.Tensor, nrow: int):
-    """A PIL image of a torchvision grid: `nrow` images per row, 2 px padding."""
-    from PIL import Image
-    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-
-
-def labelled(grid, row_labels=(), column_labels=()):
-    """The grid with a label column on the left (one or two lines per row) and a header of column labels."""
-    from PIL import Image, ImageDraw, ImageFont
-    left = LABEL_WIDTH if row_labels else 0
-    top = HEADER_HEIGHT if column_labels else 0
-    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
-    canvas.paste(grid, (left, top))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=13)
-    for i, label in enumerate(row_labels):
-        lines = label.split("\n")
-        for k, line in enumerate(lines):
-            y = top + 2 + i * CELL + IMAGE_SIZE // 2 + (k - (len(lines) - 1) / 2) * 16
-            draw.text((6, y), line, fill="black", font=font, anchor="lm")
-    for j, label in enumerate(column_labels):
-        draw.text((left + 2 + j * CELL + IMAGE_SIZE // 2, top // 2), label, fill="black", font=font, anchor="mm")
-    return canvas
-
-
-def save_figure(image, path: Path, what: str) -> None:
-    image.save(path)
-    print(f"wrote {what}: {path}")
-
-
-def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
-    """(len(dims) * len(values), D) codes: row i sweeps dim dims[i] over `values`, the rest stay at base."""
-    codes = base.reshape(1, 1, -1).repeat(len(dims), len(values), 1)  # (rows, columns, D)
-    for row, d in enumerate(dims):
-        codes[row, :, d] = values
-    return codes.flatten(0, 1)
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    return images.detach().float().cpu().numpy()
 
 
 def base_code(args, model: BetaVAE, cfg: Config, device) -> torch.Tensor:
@@ -936,7 +849,7 @@ def base_code(args, model: BetaVAE, cfg: Config, device) -> torch.Tensor:
     if args.prior:
         return torch.zeros(cfg.latent_dim, device=device)
     if args.image:
-        x = read_image(args.image, cfg.channels)
+        x = torch.from_numpy(read_image(args.image, cfg.channels, IMAGE_SIZE))
     else:
         dataset = DATASETS[cfg.dataset]()
         middle = int(np.ravel_multi_index([s // 2 for s in dataset.factor_sizes], dataset.factor_sizes))
@@ -947,61 +860,36 @@ def base_code(args, model: BetaVAE, cfg: Config, device) -> torch.Tensor:
 @torch.no_grad()
 def traverse(args) -> None:
     """Latent traversal: each row sweeps one latent dim from -range to +range, the others held fixed."""
-    if args.steps < 2 or args.range <= 0:
-        raise UserError("--steps must be >= 2 and --range > 0")
+    values = traversal_values(args.range, args.steps)
     model, cfg, state, path, device = open_checkpoint(args)
     shown = select_dims(kl_ranking(state, model, cfg, device), args.dims)
     dims = [d for d, _ in shown]
-    values = torch.linspace(-args.range, args.range, args.steps, device=device)
-    images = model.decode(traversal_codes(base_code(args, model, cfg, device), dims, values))
-    rows = [f"dim {d}\n{kl:.2f} nats" for d, kl in shown]
-    columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]  # + 0.0 turns -0.0 into 0.0
+    codes = traversal_codes(base_code(args, model, cfg, device).cpu().numpy(), dims, values)
+    images = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
+    rows, columns = traversal_labels(shown, values)
     out = figure_path(args, path, "traverse.png")
-    save_figure(labelled(grid_image(images, args.steps), rows, columns), out, "traversal")
+    save_figure(labelled(image_grid(images, args.steps), IMAGE_SIZE + PADDING, rows, columns), out, "traversal")
     if args.gif:
-        frames_by_value = images.reshape(len(dims), args.steps, *images.shape[1:]).transpose(0, 1)
-        frames = [labelled(grid_image(f, len(dims)), column_labels=[f"dim {d}" for d in dims])
-                  for f in frames_by_value]
-        frames += frames[-2:0:-1]  # there and back again, so the loop has no jump
-        gif = out.with_suffix(".gif")
-        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0)
-        print(f"wrote animation: {gif}")
-
-
-def interpolation_codes(a: torch.Tensor, b: torch.Tensor, steps: int, slerp: bool) -> torch.Tensor:
-    """(steps, D) codes from a (t=0) to b (t=1): linear, or spherical (constant angular speed)."""
-    t = torch.linspace(0, 1, steps, device=a.device)[:, None]
-    omega = torch.arccos(torch.clamp(F.cosine_similarity(a, b, dim=0), -1, 1))
-    if not slerp or omega < 1e-4:  # nearly parallel codes: slerp reduces to lerp
-        return (1 - t) * a + t * b
-    codes = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-    codes[0], codes[-1] = a, b  # exact ends, whatever the rounding
-    return codes
+        traversal_gif(images, dims, out.with_suffix(".gif"))
 
 
 @torch.no_grad()
 def interpolate(args) -> None:
     """Rows of decoded codes between two images' mu, with the two originals at the ends."""
-    if args.steps < 2:
-        raise UserError("--steps must be >= 2")
     model, cfg, _, path, device = open_checkpoint(args)
     if args.images:
-        x = torch.cat([read_image(p, cfg.channels) for p in args.images])
+        x = torch.from_numpy(np.concatenate([read_image(p, cfg.channels, IMAGE_SIZE) for p in args.images]))
     elif args.index:
         if len(args.index) % 2:
             raise UserError("--index takes pairs of indices: A B [C D ...]")
         x = dataset_images(cfg, args.index)
     else:
-        n = len(DATASETS[cfg.dataset]())
-        x = dataset_images(cfg, torch.randint(n, (2 * args.pairs,), generator=torch.Generator().manual_seed(args.seed)).tolist())
-    x = x.to(device)
-    mu = model.encode(x)[0]
-    codes = torch.cat([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
-    decoded = model.decode(codes).reshape(len(x) // 2, args.steps, *x.shape[1:])
-    rows = torch.cat([x[0::2, None], decoded, x[1::2, None]], dim=1).flatten(0, 1)  # A, z(t)..., B per row
-    columns = ["A"] + [f"t={t:.2f}" for t in torch.linspace(0, 1, args.steps).tolist()] + ["B"]
-    out = figure_path(args, path, "interpolate.png")
-    save_figure(labelled(grid_image(rows, args.steps + 2), column_labels=columns), out, "interpolation")
+        pick = torch.Generator().manual_seed(args.seed)
+        x = dataset_images(cfg, torch.randint(len(DATASETS[cfg.dataset]()), (2 * args.pairs,), generator=pick).tolist())
+    mu = to_numpy(model.encode(x.to(device))[0])
+    codes = np.concatenate([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
+    decoded = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
+    save_figure(interpolation_figure(to_numpy(x), decoded), figure_path(args, path, "interpolate.png"), "interpolation")
 
 
 @torch.no_grad()
@@ -1011,9 +899,9 @@ def sample(args) -> None:
         raise UserError("--n must be >= 1 and --temperature > 0")
     model, cfg, _, path, device = open_checkpoint(args)
     z = torch.randn(args.n, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed)) * args.temperature
-    images = model.decode(z.to(device))
-    out = figure_path(args, path, "samples.png")
-    save_figure(grid_image(images, math.ceil(math.sqrt(args.n))), out, f"{args.n} samples")
+    images = to_numpy(model.decode(z.to(device)))
+    save_figure(image_grid(images, math.ceil(math.sqrt(args.n))), figure_path(args, path, "samples.png"),
+                f"{args.n} samples")
 
 
 @torch.no_grad()
@@ -1026,19 +914,14 @@ def reconstruct(args) -> None:
     x = preview_images(val_set, args.n).to(device)
     logits = model.decoder.logits(model.encode(x)[0])
     errors = [recon_loss(logits[i:i + 1], x[i:i + 1], cfg.recon).item() for i in range(len(x))]
-    recon = torch.sigmoid(logits)
+    originals, recon = to_numpy(x), to_numpy(torch.sigmoid(logits))
     blocks = []
-    for start in range(0, len(x), 8):  # blocks of 8 columns: originals, reconstructions, errors above
+    for start in range(0, len(x), 8):  # blocks of 8 columns: errors, originals, reconstructions
         part = slice(start, start + 8)
-        width = len(x[part])
-        grid = grid_image(torch.cat([x[part], recon[part]]), width)
-        blocks.append(labelled(grid, column_labels=[f"{cfg.recon} {e:.1f}" for e in errors[part]]))
-    from PIL import Image
-    figure = Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks)), "white")
-    for k, block in enumerate(blocks):
-        figure.paste(block, (0, sum(b.height for b in blocks[:k])))
-    out = figure_path(args, path, "reconstruct.png")
-    save_figure(figure, out, f"{len(x)} reconstructions (mean {cfg.recon} {sum(errors) / len(errors):.2f})")
+        grid = image_grid(np.concatenate([originals[part], recon[part]]), len(originals[part]))
+        blocks.append(labelled(grid, IMAGE_SIZE + PADDING, column_labels=[f"{cfg.recon} {e:.1f}" for e in errors[part]]))
+    save_figure(stack_vertically(blocks), figure_path(args, path, "reconstruct.png"),
+                f"{len(x)} reconstructions (mean {cfg.recon} {sum(errors) / len(errors):.2f})")
 
 
 def read_history(path: Path) -> list[dict]:
@@ -1090,13 +973,6 @@ def plot(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Command line: one subcommand per function; parsing happens only in main().
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of the full usage text."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per Config field, with the field's default and help."""
@@ -1172,14 +1048,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.code)
-    except OSError as e:  # disk full, permissions, ...: the user's environment, not a bug
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    report_errors(args.func, args)
 
 
 if __name__ == "__main__":

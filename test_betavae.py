@@ -3,6 +3,7 @@
     pytest test_betavae.py
 """
 import csv
+import json
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ import torch  # noqa: E402
 from torch.distributions import Normal, kl_divergence  # noqa: E402
 
 import betavae as bv  # noqa: E402
+import infer_onnx as onnx_tool  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # a model small enough to train for a few steps in a test: 3 steps of 16 images per epoch
@@ -415,24 +417,28 @@ def png(path):
     return Image.open(path)
 
 
+CELL = 64 + onnx_tool.PADDING  # one image of a grid with its padding
+LABEL_WIDTH, HEADER_HEIGHT = onnx_tool.LABEL_WIDTH, onnx_tool.HEADER_HEIGHT
+
+
 def tile(image, row, col, left=0, top=0):
     """The 64x64 cell (row, col) of a figure, as floats in [0, 1] (first colour channel)."""
-    x, y = left + 2 + col * bv.CELL, top + 2 + row * bv.CELL
+    x, y = left + 2 + col * CELL, top + 2 + row * CELL
     return torch.from_numpy(np.asarray(image.convert("L").crop((x, y, x + 64, y + 64)), dtype=np.float32)) / 255
 
 
 def grid_size(columns, rows):
-    return columns * bv.CELL + 2, rows * bv.CELL + 2
+    return columns * CELL + 2, rows * CELL + 2
 
 
 def test_every_picture_command_writes_an_image_of_the_expected_size(tiny_run, tmp_path):
     out, _ = tiny_run
     ckpt = ["--checkpoint", out / "best.pt"]
     cases = [
-        (["traverse", "--dims", "3", "--steps", "5", "--gif"], (bv.LABEL_WIDTH, bv.HEADER_HEIGHT), grid_size(5, 3)),
-        (["interpolate", "--index", "0", "1", "2", "3", "--steps", "4"], (0, bv.HEADER_HEIGHT), grid_size(6, 2)),
+        (["traverse", "--dims", "3", "--steps", "5", "--gif"], (LABEL_WIDTH, HEADER_HEIGHT), grid_size(5, 3)),
+        (["interpolate", "--index", "0", "1", "2", "3", "--steps", "4"], (0, HEADER_HEIGHT), grid_size(6, 2)),
         (["sample", "--n", "10"], (0, 0), grid_size(4, 3)),
-        (["reconstruct", "--n", "10"], (0, 2 * bv.HEADER_HEIGHT + grid_size(2, 2)[1]), grid_size(8, 2)),
+        (["reconstruct", "--n", "10"], (0, 2 * HEADER_HEIGHT + grid_size(2, 2)[1]), grid_size(8, 2)),
     ]
     for args, (extra_w, extra_h), (w, h) in cases:
         target = tmp_path / f"{args[0]}.png"
@@ -441,7 +447,7 @@ def test_every_picture_command_writes_an_image_of_the_expected_size(tiny_run, tm
         assert str(target) in result.stdout
         assert png(target).size == (w + extra_w, h + extra_h), args[0]
     gif = png(tmp_path / "traverse.gif")
-    assert gif.n_frames == 2 * 5 - 2 and gif.size == (grid_size(3, 1)[0], bv.HEADER_HEIGHT + grid_size(3, 1)[1])
+    assert gif.n_frames == 2 * 5 - 2 and gif.size == (grid_size(3, 1)[0], HEADER_HEIGHT + grid_size(3, 1)[1])
     result = run_cli("plot", "--run", out, "--out", tmp_path / "plot.png")
     assert result.returncode == 0, result.stderr
     assert png(tmp_path / "plot.png").size == (880, 960)
@@ -479,30 +485,32 @@ def test_traversal_rows_follow_kl_and_change_only_their_dim(tiny_run, tmp_path):
     assert [kl for _, kl in ranking] == sorted(state["kl_per_dim"], reverse=True)
     dims = [d for d, _ in ranking]
     with torch.no_grad():
-        base = model.encode(bv.Shapes()[12345][None])[0][0]
-        values = torch.tensor([-3.0, 0.0, 3.0])
+        base = model.encode(bv.Shapes()[12345][None])[0][0].numpy()
+        values = np.array([-3.0, 0.0, 3.0], dtype=np.float32)
         codes = bv.traversal_codes(base, dims, values)
         for i, d in enumerate(dims):  # each row moves its own dim and nothing else
             row = codes[i * 3:(i + 1) * 3]
             others = [k for k in range(4) if k != d]
-            assert torch.equal(row[:, others], base[others].expand(3, 3))
-            assert torch.equal(row[:, d], values)
-        images = model.decode(codes)
+            assert np.array_equal(row[:, others], np.tile(base[others], (3, 1)))
+            assert np.array_equal(row[:, d], values)
+        images = model.decode(torch.from_numpy(codes))
     figure = png(tmp_path / "t.png")
     for i in range(4):
         for j in range(3):
-            torch.testing.assert_close(tile(figure, i, j, bv.LABEL_WIDTH, bv.HEADER_HEIGHT), images[i * 3 + j, 0],
+            torch.testing.assert_close(tile(figure, i, j, LABEL_WIDTH, HEADER_HEIGHT), images[i * 3 + j, 0],
                                        atol=1.5 / 255, rtol=0)
 
 
 def test_interpolation_ends_are_the_decoded_means(tiny_run, tmp_path):
-    a, b = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 3.0, -1.0])
+    a, b = np.array([1.0, 0.0, 2.0], np.float32), np.array([0.0, 3.0, -1.0], np.float32)
     for slerp in (False, True):
         codes = bv.interpolation_codes(a, b, 5, slerp)
-        assert torch.equal(codes[0], a) and torch.equal(codes[-1], b)
-    torch.testing.assert_close(bv.interpolation_codes(a, b, 3, False)[1], (a + b) / 2)
-    unit_a, unit_b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # slerp keeps the norm on a circle
-    torch.testing.assert_close(bv.interpolation_codes(unit_a, unit_b, 5, True).norm(dim=1), torch.ones(5))
+        assert np.array_equal(codes[0], a) and np.array_equal(codes[-1], b)
+    np.testing.assert_allclose(bv.interpolation_codes(a, b, 3, False)[1], (a + b) / 2)
+    unit_a, unit_b = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+    slerped = bv.interpolation_codes(unit_a, unit_b, 5, True)  # slerp keeps the norm on a circle
+    np.testing.assert_allclose(np.linalg.norm(slerped, axis=1), np.ones(5), rtol=1e-6)
+    np.testing.assert_allclose(slerped[2], np.array([1, 1]) / np.sqrt(2), rtol=1e-6)
 
     out, _ = tiny_run
     result = run_cli("interpolate", "--checkpoint", out / "best.pt", "--index", "7", "654321", "--steps", "5",
@@ -513,10 +521,10 @@ def test_interpolation_ends_are_the_decoded_means(tiny_run, tmp_path):
     with torch.no_grad():
         ends = model.decode(model.encode(x)[0])
     figure = png(tmp_path / "i.png")
-    torch.testing.assert_close(tile(figure, 0, 0, top=bv.HEADER_HEIGHT), x[0, 0])  # original A
-    torch.testing.assert_close(tile(figure, 0, 1, top=bv.HEADER_HEIGHT), ends[0, 0], atol=1.5 / 255, rtol=0)
-    torch.testing.assert_close(tile(figure, 0, 5, top=bv.HEADER_HEIGHT), ends[1, 0], atol=1.5 / 255, rtol=0)
-    torch.testing.assert_close(tile(figure, 0, 6, top=bv.HEADER_HEIGHT), x[1, 0])  # original B
+    torch.testing.assert_close(tile(figure, 0, 0, top=HEADER_HEIGHT), x[0, 0])  # original A
+    torch.testing.assert_close(tile(figure, 0, 1, top=HEADER_HEIGHT), ends[0, 0], atol=1.5 / 255, rtol=0)
+    torch.testing.assert_close(tile(figure, 0, 5, top=HEADER_HEIGHT), ends[1, 0], atol=1.5 / 255, rtol=0)
+    torch.testing.assert_close(tile(figure, 0, 6, top=HEADER_HEIGHT), x[1, 0])  # original B
 
 
 def test_images_of_another_size_and_mode_are_converted(tiny_run, tmp_path):
@@ -527,8 +535,8 @@ def test_images_of_another_size_and_mode_are_converted(tiny_run, tmp_path):
                      "--out", tmp_path / "t.png")
     assert result.returncode == 0, result.stderr
     assert "converted RGB to L" in result.stdout and "resized 100x80 to 64x64" in result.stdout
-    x = bv.read_image(tmp_path / "wide.png", 1)
-    assert x.shape == (1, 1, 64, 64) and torch.equal(x, torch.ones_like(x))
+    x = bv.read_image(tmp_path / "wide.png", 1, 64)
+    assert x.shape == (1, 1, 64, 64) and np.array_equal(x, np.ones_like(x))
 
 
 def test_picture_commands_reject_bad_input(tiny_run, tmp_path):
@@ -552,3 +560,156 @@ def test_picture_commands_reject_bad_input(tiny_run, tmp_path):
     ]
     for args, message in cases:
         assert_one_line_error(run_cli(*args, "--out", tmp_path / "x.png"), message)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ship the decoder: export.py and infer_onnx.py
+
+def run_script(script, *args, env=None):
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run):
+    """decoder.onnx and encoder.onnx of the tiny run, written by export.py."""
+    out, _ = tiny_run
+    result = run_script("export.py", "--checkpoint", out / "best.pt", "--encoder")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+@pytest.fixture
+def no_torch_env(tmp_path):
+    """An environment in which `import torch` fails, as on a machine with only onnxruntime."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    return {**os.environ, "PYTHONPATH": str(blocker)}
+
+
+def test_export_matches_pytorch_at_batch_1_and_7(exported):
+    import onnxruntime as ort
+    out, result = exported
+    assert "max |onnxruntime - PyTorch|" in result.stdout and "opset 18" in result.stdout
+    model, cfg = bv.load_checkpoint(out / "best.pt")
+    decoder = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        z = torch.randn(n, cfg.latent_dim)
+        x = bv.render_shapes(bv.Shapes().factors(torch.arange(n) * 9973))
+        with torch.no_grad():
+            image, (mu, logvar) = model.decode(z), model.encode(x)
+        np.testing.assert_allclose(decoder.run(None, {"z": z.numpy()})[0], image.numpy(), atol=1e-5)
+        got_mu, got_logvar = encoder.run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(got_mu, mu.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got_logvar, logvar.numpy(), atol=1e-4)
+    assert decoder.get_outputs()[0].name == "image" and encoder.get_outputs()[1].name == "logvar"
+    ops = {node.op_type for node in __import__("onnx").load(str(out / "encoder.onnx")).graph.node}
+    assert not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
+
+
+def test_export_metadata_round_trip(exported):
+    import onnx
+    out, _ = exported
+    props = {p.key: p.value for p in onnx.load(str(out / "decoder.onnx")).metadata_props}
+    model, cfg = bv.load_checkpoint(out / "best.pt")
+    state = torch.load(out / "best.pt", weights_only=True)
+    ranking = bv.kl_ranking(state, model, cfg, "cpu")
+    assert (props["latent_dim"], props["channels"], props["height"], props["width"]) == ("4", "1", "64", "64")
+    assert [d for d, _ in json.loads(props["dims_by_kl"])] == [d for d, _ in ranking]
+    assert [kl for _, kl in json.loads(props["dims_by_kl"])] == pytest.approx([kl for _, kl in ranking], abs=1e-6)
+    assert props["beta"] == "4.0" and props["dataset"] == "shapes" and props["epoch"] == "2"
+    assert props["betavae_version"] == bv.__version__ and props["role"] == "decoder"
+    decoder = onnx_tool.Decoder(out / "decoder.onnx")
+    assert (decoder.latent_dim, decoder.channels, decoder.size) == (4, 1, 64)
+
+
+def test_infer_onnx_runs_without_torch(exported, no_torch_env, tmp_path):
+    out, _ = exported
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env, capture_output=True, text=True)
+    assert check.returncode != 0 and "torch is not installed here" in check.stderr
+    model = ["--model", out / "decoder.onnx"]
+    result = run_script("infer_onnx.py", "sample", *model, "--n", "10", "--out", tmp_path / "s.png", env=no_torch_env)
+    assert result.returncode == 0, result.stderr
+    assert png(tmp_path / "s.png").size == grid_size(4, 3)
+    result = run_script("infer_onnx.py", "traverse", *model, "--dims", "3", "--steps", "5", "--gif",
+                        "--out", tmp_path / "t.png", env=no_torch_env)
+    assert result.returncode == 0, result.stderr
+    w, h = grid_size(5, 3)
+    assert png(tmp_path / "t.png").size == (w + LABEL_WIDTH, h + HEADER_HEIGHT)
+    assert png(tmp_path / "t.gif").n_frames == 8
+    for name, index in [("a", 0), ("b", 500_000)]:  # two dataset images as files, padded like a grid
+        onnx_tool.image_grid(bv.Shapes()[index][None].numpy(), 1).save(tmp_path / f"{name}.png")
+    result = run_script("infer_onnx.py", "interpolate", *model, "--encoder", out / "encoder.onnx",
+                        "--images", tmp_path / "a.png", tmp_path / "b.png", "--steps", "4",
+                        "--out", tmp_path / "i.png", env=no_torch_env)
+    assert result.returncode == 0, result.stderr
+    assert png(tmp_path / "i.png").size == (grid_size(6, 1)[0], grid_size(6, 1)[1] + HEADER_HEIGHT)
+    result = run_script("infer_onnx.py", "bench", *model, "--repeats", "2", env=no_torch_env)
+    assert result.returncode == 0 and "latency, batch 1" in result.stdout and "batch 256" in result.stdout
+
+
+def test_onnx_pictures_match_pytorch_pictures(exported, tmp_path):
+    out, _ = exported
+    assert run_cli("traverse", "--checkpoint", out / "best.pt", "--prior", "--dims", "2", "--steps", "3",
+                   "--out", tmp_path / "torch.png").returncode == 0
+    assert run_script("infer_onnx.py", "traverse", "--model", out / "decoder.onnx", "--dims", "2", "--steps", "3",
+                      "--out", tmp_path / "onnx.png").returncode == 0
+    a = np.asarray(png(tmp_path / "torch.png"), dtype=np.int16)
+    b = np.asarray(png(tmp_path / "onnx.png"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # same layout, labels and pixels up to rounding
+
+
+def test_same_seed_same_samples(exported, tmp_path):
+    out, _ = exported
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        result = run_script("infer_onnx.py", "sample", "--model", out / "decoder.onnx", "--n", "4", "--seed", seed,
+                            "--out", tmp_path / f"{name}.png")
+        assert result.returncode == 0, result.stderr
+    read = [(tmp_path / f"{name}.png").read_bytes() for name in "abc"]
+    assert read[0] == read[1] and read[0] != read[2]
+
+
+def test_model_without_metadata_needs_latent_dim(exported, tmp_path):
+    import onnx
+    out, _ = exported
+    bare = onnx.load(str(out / "decoder.onnx"))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    result = run_script("infer_onnx.py", "sample", "--model", tmp_path / "bare.onnx", "--out", tmp_path / "s.png")
+    assert_one_line_error(result, "has no betavae metadata: pass --latent-dim")
+    result = run_script("infer_onnx.py", "traverse", "--model", tmp_path / "bare.onnx", "--latent-dim", "4",
+                        "--steps", "3", "--out", tmp_path / "t.png")
+    assert result.returncode == 0, result.stderr
+    w, h = grid_size(3, 4)  # no KL known: every dim, in index order
+    assert png(tmp_path / "t.png").size == (w + LABEL_WIDTH, h + HEADER_HEIGHT)
+    result = run_script("infer_onnx.py", "sample", "--model", tmp_path / "bare.onnx", "--latent-dim", "5")
+    assert_one_line_error(result, "takes 4-dim codes, not 5")
+
+
+def test_onnx_tools_reject_bad_input(exported, tmp_path):
+    import onnxruntime as ort
+    out, _ = exported
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "notes.png").write_text("not an image")
+    rgb = bv.BetaVAE(latent_dim=4, channels=3).eval()  # an encoder for colour images
+    import export
+    export.export_module(rgb.encoder, torch.rand(2, 3, 64, 64), tmp_path / "rgb_encoder.onnx", "image",
+                         ["mu", "logvar"], 18)
+    model = ["--model", out / "decoder.onnx"]
+    cases = [
+        (["sample", "--model", tmp_path / "notes.txt"], "is not a usable ONNX model"),
+        (["sample", "--model", tmp_path / "missing.onnx"], "no model at"),
+        (["sample", *model, "--n", "0"], "--n must be >= 1"),
+        (["traverse", *model, "--dims", "5"], "the model has 4 latent dims"),
+        (["traverse", *model, "--encoder", out / "encoder.onnx", "--image", tmp_path / "notes.png"], "cannot read"),
+        (["traverse", *model, "--image", tmp_path / "notes.png"], "--image needs --encoder"),
+        (["interpolate", *model, "--encoder", tmp_path / "rgb_encoder.onnx", "--images", "a.png", "b.png"],
+         "takes 3x64x64 images but the decoder makes 1x64x64"),
+    ]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        cases.append((["sample", *model, "--device", "cuda"], "needs onnxruntime-gpu"))
+    for args, message in cases:
+        assert_one_line_error(run_script("infer_onnx.py", *args, "--out", tmp_path / "x.png"), message)
+    assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "notes.txt"), "not a PyTorch checkpoint")

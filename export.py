@@ -1,0 +1,122 @@
+"""Export a betavae checkpoint's decoder (and, with --encoder, its encoder) to ONNX, checked against PyTorch.
+
+    python export.py --checkpoint runs/shapes-beta4/best.pt                # -> runs/shapes-beta4/decoder.onnx
+    python export.py --checkpoint runs/shapes-beta4/best.pt --encoder      # also encoder.onnx
+    python export.py --checkpoint runs/shapes-beta4/best.pt --bench        # onnxruntime vs PyTorch speed
+
+decoder.onnx maps z (N, latent_dim) float32 to image (N, C, 64, 64) in [0, 1]; encoder.onnx maps image to
+mu and logvar, with no random ops. Both carry betavae's metadata, so infer_onnx.py needs nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import betavae as bv
+from infer_onnx import Decoder, Parser, UserError, decoder_speed, open_model, report_errors, speed_table
+
+PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| allowed on outputs in [0, 1] or codes
+
+
+def export_module(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
+                  output_names: list[str], opset: int) -> None:
+    """Export with the torch.export-based exporter: the maintained path (the TorchScript tracer is
+    deprecated since PyTorch 2.9), with the batch axis dynamic."""
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=output_names,
+                                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
+    program.save(str(path))
+
+
+def metadata(cfg: bv.Config, state: dict, ranking: list[tuple[int, float]], role: str) -> dict[str, str]:
+    """What infer_onnx.py needs to use a model without its checkpoint (ONNX metadata values are strings)."""
+    return {"producer": "betavae", "betavae_version": bv.__version__, "role": role,
+            "latent_dim": str(cfg.latent_dim), "channels": str(cfg.channels),
+            "height": str(bv.IMAGE_SIZE), "width": str(bv.IMAGE_SIZE),
+            "dims_by_kl": json.dumps([[d, round(kl, 6)] for d, kl in ranking]),
+            "beta": str(cfg.beta), "dataset": cfg.dataset, "recon": cfg.recon,
+            "epoch": str(state["run"]["epoch"])}
+
+
+def add_metadata(path: Path, props: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@torch.no_grad()
+def parity(path: Path, module: torch.nn.Module, make_input) -> float:
+    """Max |onnxruntime - PyTorch| over every output, on random batches of 1 and 7."""
+    session = open_model(path)
+    worst = 0.0
+    for n in (1, 7):
+        x = make_input(n)
+        expected = module(x)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        worst = max([worst] + [float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected)])
+    return worst
+
+
+def export(module, example, make_input, path: Path, input_name, output_names, props, opset) -> None:
+    """Export, attach metadata, check the graph and the numbers; a failed parity removes the file."""
+    export_module(module, example, path, input_name, output_names, opset)
+    add_metadata(path, props)
+    error = parity(path, module, make_input)
+    if error > PARITY_TOLERANCE:
+        path.unlink()
+        raise UserError(f"{path.name}: onnxruntime differs from PyTorch by {error:.2e} (> {PARITY_TOLERANCE:g}); "
+                        f"not written", code=1)
+    print(f"wrote {path}: {os.path.getsize(path) / 1e6:.1f} MB, opset {opset}, "
+          f"{input_name} -> {', '.join(output_names)}, max |onnxruntime - PyTorch| = {error:.1e} (batches 1 and 7)")
+
+
+def main(argv=None) -> None:
+    parser = Parser(prog="export.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="a betavae checkpoint, e.g. runs/NAME/best.pt")
+    parser.add_argument("--out", help="decoder file (default: decoder.onnx beside the checkpoint)")
+    parser.add_argument("--encoder", action="store_true", help="also write encoder.onnx beside the decoder")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument("--bench", action="store_true", help="then time onnxruntime against PyTorch eager")
+    args = parser.parse_args(argv)
+    report_errors(run, args)
+
+
+def run(args) -> None:
+    state = bv.read_checkpoint(args.checkpoint)
+    model, cfg = bv.model_from_state(state, args.checkpoint)
+    ranking = bv.kl_ranking(state, model, cfg, "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "decoder.onnx"
+    bv.make_output_folder(out.parent)
+    generator = torch.Generator().manual_seed(0)
+
+    def codes(n):
+        return torch.randn(n, cfg.latent_dim, generator=generator)
+
+    def images(n):
+        return torch.rand(n, cfg.channels, bv.IMAGE_SIZE, bv.IMAGE_SIZE, generator=generator)
+
+    export(model.decoder, codes(2), codes, out, "z", ["image"], metadata(cfg, state, ranking, "decoder"), args.opset)
+    if args.encoder:
+        export(model.encoder, images(2), images, out.parent / "encoder.onnx", "image", ["mu", "logvar"],
+               metadata(cfg, state, ranking, "encoder"), args.opset)
+    if args.bench:
+        decoder = Decoder(out)
+        repeats = 50
+        with torch.no_grad():
+            results = {"onnxruntime": decoder_speed(decoder, cfg.latent_dim, repeats),
+                       "PyTorch eager": decoder_speed(lambda z: model.decode(torch.from_numpy(z)),
+                                                      cfg.latent_dim, repeats)}
+        print(f"decoder speed on the CPU ({torch.get_num_threads()} PyTorch threads), median of {repeats} calls:")
+        print(speed_table(results))
+
+
+if __name__ == "__main__":
+    main()
