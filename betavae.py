@@ -77,13 +77,15 @@ class Config:
     seed: int = option(0, "seeds python, numpy and torch; a CPU run repeats bit for bit")
     device: str = option("auto", "auto picks CUDA, then MPS, then CPU",
                          choices=["auto", "cpu", "cuda", "mps"])
+    eval_every: int = option(0, "every E epochs, compute the disentanglement metrics on a smaller sample "
+                             "(n 1000, 1000/500 points) into history.csv (0: off)")
     # output
     out: str = option("", "run folder (default: runs/<dataset>-beta<beta>)")
     tensorboard: bool = option(False, "also log scalars and images to TensorBoard in the run folder")
 
 
 # Flags that may change when a run is resumed; every other one must match the stored run.
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every"}
 
 
 def check_config(cfg: Config) -> None:
@@ -103,6 +105,7 @@ def check_config(cfg: Config) -> None:
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.clip_grad >= 0, "--clip-grad must be >= 0"),
+        (cfg.eval_every >= 0, "--eval-every must be >= 0"),
     ]
     for f in fields(cfg):
         value = getattr(cfg, f.name)
@@ -463,6 +466,7 @@ def train_step(model, optimizer, x, cfg: Config, beta: float, capacity) -> dict[
 @torch.no_grad()
 def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
     """The epoch's training objective on validation data (eval mode, fixed noise), plus per-dim KL."""
+    was_training = model.training
     model.eval()
     generator = torch.Generator(device).manual_seed(0)  # same noise every epoch: losses compare
     sums, kl_dims, n = torch.zeros(3, device=device), torch.zeros(cfg.latent_dim, device=device), 0
@@ -474,7 +478,7 @@ def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
         sums += torch.stack([parts["recon"], parts["kl"], parts["total"]]) * len(x)
         kl_dims += parts["kl_per_dim"] * len(x)
         n += len(x)
-    model.train()
+    model.train(was_training)
     recon, kl, total = (sums / n).tolist()
     return {"recon": recon, "kl": kl, "total": total, "kl_per_dim": (kl_dims / n).tolist()}
 
@@ -504,14 +508,20 @@ HISTORY_FIELDS = ["epoch", "train_recon", "train_kl", "train_total", "val_recon"
                   "beta_eff", "capacity", "lr", "active_dims", "img_per_s", "elapsed_s"]
 
 
+METRIC_NAMES = ["mig", "sap", "modularity", "dci_disentanglement", "dci_completeness", "dci_informativeness",
+                "beta_vae_score", "factor_vae_score"]
+
+
 def write_history(history: list[dict], path: Path) -> None:
-    """history.csv: one row per epoch, per-dim validation KL in columns kl_dim0, kl_dim1, ..."""
+    """history.csv: one row per epoch, the metrics where --eval-every computed them, and the per-dim
+    validation KL in columns kl_dim0, kl_dim1, ..."""
     n_dims = len(history[0]["kl_per_dim"])
+    metrics = [m for m in METRIC_NAMES if any(m in row for row in history)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(HISTORY_FIELDS + [f"kl_dim{d}" for d in range(n_dims)])
+        w.writerow(HISTORY_FIELDS + metrics + [f"kl_dim{d}" for d in range(n_dims)])
         for row in history:
-            values = ["" if row[k] is None else row[k] for k in HISTORY_FIELDS]
+            values = ["" if row.get(k) is None else row[k] for k in HISTORY_FIELDS + metrics]
             w.writerow(values + [f"{k:.6g}" for k in row["kl_per_dim"]])
 
 
@@ -538,10 +548,25 @@ def draw_loss_curves(axes, history: list[dict]) -> None:
     axes[0][0].legend()
 
 
+def draw_metrics(ax, history: list[dict]) -> None:
+    """MIG and FactorVAE score over the epochs where --eval-every measured them."""
+    for name in ("mig", "factor_vae_score", "dci_disentanglement"):
+        points = [(r["epoch"], r[name]) for r in history if r.get(name) is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label=name)
+    ax.set(title="disentanglement (train --eval-every)", xlabel="epoch", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def plot_loss_curves(history: list[dict], path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(3, 2, figsize=(10, 9))
+    has_metrics = any(r.get("mig") is not None for r in history)
+    fig, axes = plt.subplots(3 + has_metrics, 2, figsize=(10, 9 + 3 * has_metrics), squeeze=False)
     draw_loss_curves(axes, history)
+    if has_metrics:
+        draw_metrics(axes[3][0], history)
+        axes[3][1].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -684,6 +709,21 @@ def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, 
     return images, time.perf_counter() - t0
 
 
+# a tenth of `evaluate`'s sample: DCI's 100 boosted trees per factor class dominate the time
+EVAL_EVERY_SAMPLE = {"n": 1000, "points": (1000, 500)}
+
+
+def training_metrics(model: BetaVAE, cfg: Config, device) -> dict[str, float]:
+    """The disentanglement metrics during training (--eval-every), on the smaller EVAL_EVERY_SAMPLE."""
+    dataset = DATASETS[cfg.dataset]()
+    if not hasattr(dataset, "render"):
+        return {}
+    metrics = disentanglement_metrics(encoder_representation(model, dataset, device), dataset.factor_sizes,
+                                      seed=0, **EVAL_EVERY_SAMPLE)
+    model.train()
+    return metrics
+
+
 def train(args) -> None:
     """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume."""
     cfg, resumed = prepare_run(args)
@@ -756,6 +796,8 @@ def train(args) -> None:
                    "beta_eff": beta, "capacity": capacity, "lr": optimizer.param_groups[0]["lr"],
                    "active_dims": active_dims(val["kl_per_dim"]), "img_per_s": images / max(seconds, 1e-9),
                    "elapsed_s": run["elapsed"] + now - session_start, "kl_per_dim": val["kl_per_dim"]}
+            if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+                row.update(training_metrics(model, cfg, device))
             run["history"].append(row)
             run.update(epoch=epoch, step=0, sums=torch.zeros(3), seen=0)
 
@@ -778,6 +820,8 @@ def train(args) -> None:
 
             eta = row["elapsed_s"] / epoch * (cfg.epochs - epoch)
             print(format_epoch(row, cfg, eta), flush=True)
+            if "mig" in row:
+                print("  metrics (n 1000): " + ", ".join(f"{m} {row[m]:.3f}" for m in METRIC_NAMES))
             warn_if_stuck(run["history"], cfg)
             if stop.requested:
                 raise UserError(f"interrupted after epoch {epoch}: saved {out / 'last.pt'}; continue with --resume",
@@ -932,20 +976,26 @@ def read_history(path: Path) -> list[dict]:
         rows = list(csv.DictReader(open(path)))
         return [{"epoch": int(r["epoch"]), "capacity": float(r["capacity"]) if r["capacity"] else None,
                  **{k: float(r[k]) for k in HISTORY_FIELDS if k not in ("epoch", "capacity")},
+                 **{m: float(r[m]) for m in METRIC_NAMES if r.get(m)},
                  "kl_per_dim": [float(r[k]) for k in r if k.startswith("kl_dim")]} for r in rows]
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{path} is not a betavae history.csv")
 
 
 def plot(args) -> None:
-    """The run's loss curves, its final per-dim KL (sorted) and its beta_eff / capacity / lr schedule."""
+    """The run's loss curves, its final per-dim KL (sorted), its beta_eff / capacity / lr schedule, and the
+    disentanglement metrics when it was trained with --eval-every."""
     run = Path(args.run) if args.run else newest_checkpoint().parent
     history = read_history(run / "history.csv")
     if not history:
         raise UserError(f"{run / 'history.csv'} has no epochs yet")
     plt = pyplot()
-    fig, axes = plt.subplots(4, 2, figsize=(11, 12))
+    has_metrics = any("mig" in r for r in history)
+    fig, axes = plt.subplots(4 + has_metrics, 2, figsize=(11, 12 + 3 * has_metrics))
     draw_loss_curves(axes[:3], history)
+    if has_metrics:
+        draw_metrics(axes[4][0], history)
+        axes[4][1].axis("off")
     kl = sorted(history[-1]["kl_per_dim"], reverse=True)
     axes[3][0].bar(range(len(kl)), kl)
     axes[3][0].set(title=f"KL per latent dim after epoch {history[-1]['epoch']}, sorted "
@@ -969,6 +1019,215 @@ def plot(args) -> None:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     print(f"wrote plots: {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: disentanglement metrics with the conventions of disentanglement_lib (Locatello et al.
+# 2019), so the numbers compare with published ones. codes: (N, D) posterior means; factors: (N, K)
+# integer factor classes. The first four take arrays; the last two sample images with chosen factors.
+
+N_BINS = 20  # disentanglement_lib's histogram discretizer for MIG and modularity
+
+
+def discretize(codes: np.ndarray, bins: int = N_BINS) -> np.ndarray:
+    """Each code dim into `bins` equal-width bins over its own observed range: np.histogram's edges,
+    labels from np.digitize against the left edges (so the labels run 1..bins)."""
+    labels = np.zeros(codes.shape, dtype=np.int64)
+    for d in range(codes.shape[1]):
+        edges = np.histogram(codes[:, d], bins)[1]
+        labels[:, d] = np.digitize(codes[:, d], edges[:-1])
+    return labels
+
+
+def mutual_information(codes: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(D, K) mutual information in nats between each discretised code dim and each factor."""
+    from sklearn.metrics import mutual_info_score
+    binned = discretize(np.asarray(codes, dtype=np.float64))
+    return np.array([[mutual_info_score(factors[:, k], binned[:, d]) for k in range(factors.shape[1])]
+                     for d in range(binned.shape[1])])
+
+
+def factor_entropy(factors: np.ndarray) -> np.ndarray:
+    """(K,) empirical entropy of each factor in nats (not the log of its number of values)."""
+    from sklearn.metrics import mutual_info_score
+    return np.array([mutual_info_score(f, f) for f in factors.T])
+
+
+def mig(codes: np.ndarray, factors: np.ndarray) -> float:
+    """Mutual Information Gap (Chen et al. 2018): per factor, (top MI - second MI) / H(factor), averaged."""
+    top = np.sort(mutual_information(codes, factors), axis=0)[::-1]
+    return float(np.mean((top[0] - top[1]) / factor_entropy(factors)))
+
+
+def modularity(codes: np.ndarray, factors: np.ndarray) -> float:
+    """Ridgeway & Mozer 2018: how much each code dim's MI concentrates on one factor, averaged over dims."""
+    squared = mutual_information(codes, factors) ** 2
+    top = squared.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = 1 - (squared.sum(axis=1) - top) / (top * (squared.shape[1] - 1))
+    return float(np.mean(np.where(top == 0, 0.0, score)))  # a dim with no information scores 0
+
+
+def train_test_split(n: int) -> int:
+    """The first ceil(0.8 n) rows train, the rest test, in the given order."""
+    return math.ceil(0.8 * n)
+
+
+def sap(codes: np.ndarray, factors: np.ndarray, seed: int = 0) -> float:
+    """Separated Attribute Predictability (Kumar et al. 2018) for discrete factors: held-out accuracy of a
+    linear SVM on each single code dim; per factor the gap between the two best dims; mean over factors."""
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+    n = train_test_split(len(codes))
+    scores = np.zeros((codes.shape[1], factors.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # C=0.01 often stops early, as in the reference
+        for d in range(codes.shape[1]):
+            for k in range(factors.shape[1]):
+                svm = LinearSVC(C=0.01, class_weight="balanced", random_state=seed)
+                svm.fit(codes[:n, d:d + 1], factors[:n, k])
+                scores[d, k] = np.mean(svm.predict(codes[n:, d:d + 1]) == factors[n:, k])
+    top = np.sort(scores, axis=0)
+    return float(np.mean(top[-1] - top[-2]))
+
+
+def importance_score(importance: np.ndarray) -> float:
+    """sum over rows of (row's share of the total) * (1 - entropy of the row, in base = row length)."""
+    p = importance + 1e-11  # as disentanglement_lib: empty rows count as uniform
+    p = p / p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(axis=1) / np.log(importance.shape[1])
+    weights = importance.sum(axis=1) / importance.sum() if importance.sum() > 0 else \
+        np.full(len(importance), 1 / len(importance))
+    return float(np.sum(weights * (1 - entropy)))
+
+
+def dci(codes: np.ndarray, factors: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Disentanglement, completeness, informativeness (Eastwood & Williams 2018) from one gradient-boosted
+    classifier per factor on all codes."""
+    from joblib import Parallel, delayed  # installed with scikit-learn
+    n = train_test_split(len(codes))
+    # the factors' classifiers are independent and slow (100 trees per class): fit them in parallel
+    fits = Parallel(n_jobs=min(factors.shape[1], os.cpu_count() or 1))(
+        delayed(boosted_trees)(codes[:n], factors[:n, k], codes[n:], factors[n:, k], seed)
+        for k in range(factors.shape[1]))
+    importance = np.stack([imp for imp, _ in fits], axis=1)  # (D, K)
+    return {"disentanglement": importance_score(importance), "completeness": importance_score(importance.T),
+            "informativeness": float(np.mean([acc for _, acc in fits]))}
+
+
+def boosted_trees(x_train, y_train, x_test, y_test, seed: int) -> tuple[np.ndarray, float]:
+    """(absolute feature importances, test accuracy) of a default gradient-boosted classifier."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    # the reference leaves random_state unset; fixing it only makes tie-breaking repeatable
+    model = GradientBoostingClassifier(random_state=seed).fit(x_train, y_train)
+    return np.abs(model.feature_importances_), float(np.mean(model.predict(x_test) == y_test))
+
+
+def sample_factors(sizes, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, K) factor classes drawn uniformly and independently."""
+    return rng.integers(0, np.asarray(sizes), size=(n, len(sizes)))
+
+
+def beta_vae_score(representation, sizes, rng: np.random.Generator, n_train: int = 10_000, n_eval: int = 5_000,
+                   batch_size: int = 64, seed: int = 0) -> float:
+    """Higgins et al. 2017: each point fixes one factor k across pairs of samples; the feature is the
+    mean |z1 - z2| over the pairs, the label k; accuracy of a logistic regression on held-out points.
+    `representation` maps (B, K) factor classes to (B, D) codes."""
+    from sklearn.linear_model import LogisticRegression
+
+    def points(n):
+        labels = rng.integers(len(sizes), size=n)
+        first, second = sample_factors(sizes, n * batch_size, rng), sample_factors(sizes, n * batch_size, rng)
+        rows = np.repeat(np.arange(n), batch_size)
+        second[np.arange(n * batch_size), labels[rows]] = first[np.arange(n * batch_size), labels[rows]]
+        difference = np.abs(representation(first) - representation(second))
+        return difference.reshape(n, batch_size, -1).mean(axis=1), labels
+
+    x_train, y_train = points(n_train)
+    x_eval, y_eval = points(n_eval)
+    model = LogisticRegression(random_state=seed, max_iter=1000).fit(x_train, y_train)
+    return float(model.score(x_eval, y_eval))
+
+
+def factor_vae_score(representation, sizes, rng: np.random.Generator, n_train: int = 10_000, n_eval: int = 5_000,
+                     batch_size: int = 64, n_variance: int = 10_000, prune: float = 0.05) -> float:
+    """Kim & Mnih 2018: codes scaled by their global std (ddof 1); dims with std < `prune` dropped; in a
+    batch that fixes one factor, the dim of least scaled variance votes for that factor; accuracy of the
+    majority-vote classifier (each dim predicts the factor it got most votes for) on held-out votes."""
+    scale = representation(sample_factors(sizes, n_variance, rng)).std(axis=0, ddof=1)
+    active = np.flatnonzero(scale >= prune)
+    if len(active) == 0:
+        return 0.0
+
+    def votes(n):
+        counts = np.zeros((len(sizes), len(active)), dtype=np.int64)
+        fixed = rng.integers(len(sizes), size=n)
+        factors = sample_factors(sizes, n * batch_size, rng).reshape(n, batch_size, len(sizes))
+        factors[np.arange(n), :, fixed] = factors[np.arange(n), 0, fixed][:, None]
+        codes = representation(factors.reshape(-1, len(sizes))).reshape(n, batch_size, -1)[:, :, active]
+        least = np.argmin(codes.var(axis=1, ddof=1) / scale[active] ** 2, axis=1)
+        np.add.at(counts, (fixed, least), 1)
+        return counts
+
+    classifier = np.argmax(votes(n_train), axis=0)  # the factor each active dim stands for
+    held_out = votes(n_eval)
+    return float(held_out[classifier, np.arange(len(active))].sum() / held_out.sum())
+
+
+def encoder_representation(model: BetaVAE, dataset, device, batch: int = 512):
+    """factors -> codes: render the images with those factors and encode them to mu (float64)."""
+    model.eval()
+
+    @torch.no_grad()
+    def representation(factors: np.ndarray) -> np.ndarray:
+        parts = np.array_split(factors, max(1, math.ceil(len(factors) / batch)))
+        return torch.cat([model.encode(dataset.render(torch.from_numpy(part)).to(device))[0].double().cpu()
+                          for part in parts]).numpy()
+    return representation
+
+
+def disentanglement_metrics(representation, sizes, n: int, seed: int, points: tuple[int, int]) -> dict:
+    """All six metrics for one representation: MIG, SAP, DCI and modularity on n random factor draws,
+    the beta-VAE and FactorVAE scores on points = (train, eval) batches of 64."""
+    rng = np.random.default_rng(seed)
+    factors = sample_factors(sizes, n, rng)
+    codes = representation(factors)
+    results = {"mig": mig(codes, factors), "sap": sap(codes, factors, seed), "modularity": modularity(codes, factors)}
+    results.update({f"dci_{k}": v for k, v in dci(codes, factors, seed).items()})
+    results["beta_vae_score"] = beta_vae_score(representation, sizes, rng, *points, seed=seed)
+    results["factor_vae_score"] = factor_vae_score(representation, sizes, rng, *points, n_variance=n)
+    return results
+
+
+def evaluate(args) -> None:
+    """Reconstruction, KL and active dims on validation data, and the six disentanglement metrics where
+    the dataset has ground-truth factors; prints a table and writes JSON."""
+    if args.n < 10 or min(args.points) < 1:
+        raise UserError("--n must be >= 10 and --points >= 1")
+    model, cfg, _, path, device = open_checkpoint(args)
+    start = time.perf_counter()
+    _, val_set = make_datasets(cfg)
+    beta, capacity = schedule(cfg, cfg.epochs)
+    val = validate(model, DataLoader(val_set, batch_size=256, generator=torch.Generator()), cfg, beta, capacity, device)
+    results = {"checkpoint": str(path), "dataset": cfg.dataset, "seed": args.seed, "n": args.n,
+               "points": list(args.points), "val_recon": val["recon"], "val_kl": val["kl"],
+               "active_dims": active_dims(val["kl_per_dim"]), "kl_per_dim": val["kl_per_dim"]}
+    dataset = DATASETS[cfg.dataset]()
+    if hasattr(dataset, "render"):
+        representation = encoder_representation(model, dataset, device)
+        results.update(disentanglement_metrics(representation, dataset.factor_sizes, args.n, args.seed, args.points))
+    else:
+        print(f"note: {cfg.dataset} has no ground-truth factors: MIG, SAP, DCI, modularity, beta-VAE and "
+              f"FactorVAE scores need them")
+    results["seconds"] = time.perf_counter() - start
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"{key:>28}  {value:.4f}")
+    out = Path(args.out) if args.out else path.parent / "metrics.json"
+    make_output_folder(out.parent)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote metrics: {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -999,7 +1258,7 @@ def build_parser() -> Parser:
 
     figure = Parser(add_help=False)  # what every picture command shares
     figure.add_argument("--checkpoint", help="checkpoint to read (default: the newest runs/*/best.pt)")
-    figure.add_argument("--out", help="PNG to write (default: a file in the checkpoint's folder)")
+    figure.add_argument("--out", help="file to write (default: one in the checkpoint's folder)")
     figure.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run the model (default: auto)")
 
@@ -1036,6 +1295,15 @@ def build_parser() -> Parser:
                             description=reconstruct.__doc__)
     p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
     p.set_defaults(func=reconstruct)
+
+    p = commands.add_parser("evaluate", parents=[figure], help="validation losses and disentanglement metrics",
+                            description=evaluate.__doc__)
+    p.add_argument("--n", type=int, default=10_000, help="factor draws for MIG, SAP, DCI, modularity, and for "
+                   "FactorVAE's variance estimate (default: 10000)")
+    p.add_argument("--points", type=int, nargs=2, default=[10_000, 5_000], metavar=("TRAIN", "EVAL"),
+                   help="beta-VAE and FactorVAE training and evaluation points (default: 10000 5000)")
+    p.add_argument("--seed", type=int, default=0, help="results repeat exactly with the same seed (default: 0)")
+    p.set_defaults(func=evaluate)
 
     p = commands.add_parser("plot", help="charts of a run's history.csv", description=plot.__doc__)
     p.add_argument("--run", help="run folder (default: the newest runs/* with a best.pt)")

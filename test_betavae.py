@@ -713,3 +713,116 @@ def test_onnx_tools_reject_bad_input(exported, tmp_path):
     for args, message in cases:
         assert_one_line_error(run_script("infer_onnx.py", *args, "--out", tmp_path / "x.png"), message)
     assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "notes.txt"), "not a PyTorch checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Disentanglement metrics: analytic cases with known answers
+
+def factor_grid(sizes):
+    """Every combination of factor classes once: the factors are exactly independent."""
+    return np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"), -1).reshape(-1, len(sizes))
+
+
+def binned_entropy_ratio(size, bins=20):
+    """H(factor after 20 equal-width bins over 0..size-1) / H(factor), for a uniform factor, by hand."""
+    width = (size - 1) / bins
+    counts = np.bincount([min(int(v // width), bins - 1) for v in range(size)])
+    p = counts[counts > 0] / size
+    return float(-(p * np.log(p)).sum() / np.log(size))
+
+
+def test_mig_of_perfect_codes_is_the_binned_entropy_ratio():
+    sizes = (4, 40, 32)  # no bin edge falls on a factor value, so the tiny noise never changes a bin
+    factors = factor_grid(sizes)
+    codes = factors + np.random.default_rng(0).normal(0, 1e-6, factors.shape)
+    expected = np.mean([binned_entropy_ratio(s) for s in sizes])  # 20 bins merge neighbouring values
+    assert 0.5 < expected < 1
+    assert bv.mig(codes, factors) == pytest.approx(expected, abs=1e-9)
+    rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
+    assert bv.mig(codes @ rotation, factors) < expected - 0.3
+    assert bv.mig(np.random.default_rng(2).normal(size=codes.shape), factors) < 0.02
+    copied = np.concatenate([codes, codes[:, 1:2]], axis=1)  # factor 1 in two dims: its gap closes
+    top = np.sort(bv.mutual_information(copied, factors), axis=0)[::-1]
+    assert top[0, 1] - top[1, 1] == pytest.approx(0, abs=1e-9)
+    assert bv.mig(copied, factors) == pytest.approx(np.mean([binned_entropy_ratio(4), 0, binned_entropy_ratio(32)]))
+
+
+def test_metrics_rank_perfect_rotated_and_noise_codes():
+    rng = np.random.default_rng(0)
+    sizes = (3, 4, 5)
+    factors = bv.sample_factors(sizes, 600, rng)
+    perfect = factors + rng.normal(0, 0.01, factors.shape)
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    noise = rng.normal(size=factors.shape)
+    scores = {}
+    for name, codes in [("perfect", perfect), ("rotated", perfect @ rotation), ("noise", noise)]:
+        d = bv.dci(codes, factors)
+        scores[name] = [bv.mig(codes, factors), d["disentanglement"], d["completeness"],
+                        bv.modularity(codes, factors), d["informativeness"]]
+    assert scores["perfect"][1:3] == pytest.approx([1, 1], abs=0.02)
+    assert scores["perfect"][3] > 0.98 and scores["perfect"][4] > 0.95
+    for p, r, n in zip(scores["perfect"][:4], scores["rotated"][:4], scores["noise"][:4]):
+        assert p > r + 0.05 and p > n + 0.05
+    # informativeness measures information, not its layout: a rotation keeps it, noise has none
+    assert scores["rotated"][4] > 0.8 and scores["noise"][4] < 0.5
+    assert scores["noise"][0] < 0.05 and max(scores["noise"][1:3]) < 0.1
+
+
+def test_modularity_counts_a_code_informing_two_factors_as_zero():
+    factors = factor_grid((2, 2)).repeat(25, axis=0)  # balanced binary factors
+    mixed = 2 * factors[:, 0] + factors[:, 1]  # one dim knows both factors equally
+    codes = np.stack([mixed, factors[:, 0]], 1).astype(float)  # the other knows only factor 0
+    assert bv.modularity(codes, factors) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_sap_gap_is_exact_for_binary_factors():
+    factors = np.tile(factor_grid((2, 2)), (25, 1))  # every block of 4 rows is balanced, test rows too
+    codes = factors + np.random.default_rng(0).normal(0, 0.01, factors.shape)
+    # each dim predicts its own factor perfectly and the other at chance (exactly 0.5 on balanced rows)
+    assert bv.sap(codes, factors) == pytest.approx(0.5, abs=1e-9)
+    assert bv.sap(codes[:, ::-1].copy(), factors) == pytest.approx(0.5, abs=1e-9)
+    assert bv.sap(np.repeat(codes[:, :1], 2, axis=1), factors) == pytest.approx(0, abs=1e-9)
+
+
+def test_beta_vae_and_factor_vae_scores():
+    sizes = (3, 6, 10, 8, 8)
+    rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 5)))[0]
+    noise_rng = np.random.default_rng(2)
+    cases = {"perfect": lambda f: f + noise_rng.normal(0, 0.01, f.shape),
+             "rotated": lambda f: (f + noise_rng.normal(0, 0.01, f.shape)) @ rotation,
+             "noise": lambda f: noise_rng.normal(size=f.shape)}
+    scores = {name: (bv.beta_vae_score(rep, sizes, np.random.default_rng(0), 300, 150),
+                     bv.factor_vae_score(rep, sizes, np.random.default_rng(0), 300, 150, n_variance=1000))
+              for name, rep in cases.items()}
+    assert scores["perfect"] == (1.0, 1.0)
+    assert max(scores["rotated"]) < 0.95
+    assert max(scores["noise"]) < 0.35  # chance is 1/5
+    constant = bv.factor_vae_score(lambda f: np.zeros(f.shape), sizes, np.random.default_rng(0), 10, 10)
+    assert constant == 0.0  # every dim pruned
+
+
+def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path):
+    out, _ = tiny_run
+    args = ["evaluate", "--checkpoint", out / "best.pt", "--n", "200", "--points", "20", "10"]
+    first = run_cli(*args, "--out", tmp_path / "a.json")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*args, "--out", tmp_path / "b.json")
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    keys = {"mig", "sap", "modularity", "dci_disentanglement", "dci_completeness", "dci_informativeness",
+            "beta_vae_score", "factor_vae_score", "val_recon", "val_kl", "active_dims", "kl_per_dim"}
+    assert keys <= set(a)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b  # the same seed repeats exactly
+    assert all(0 <= a[k] <= 1 for k in keys - {"val_recon", "val_kl", "active_dims", "kl_per_dim"})
+    assert "mig" in first.stdout and str(tmp_path / "a.json") in first.stdout
+
+
+def test_eval_every_adds_the_metrics_to_history_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(bv, "EVAL_EVERY_SAMPLE", {"n": 100, "points": (10, 5)})  # tiny, for speed
+    assert train_in_process(tmp_path / "run", "--epochs", "2", "--eval-every", "2") == 0
+    rows = list(csv.DictReader(open(tmp_path / "run/history.csv")))
+    assert set(bv.METRIC_NAMES) <= set(rows[0])
+    assert rows[0]["mig"] == "" and all(0 <= float(rows[1][m]) <= 1 for m in bv.METRIC_NAMES)
+    assert png(tmp_path / "run/loss_curves.png").size == (800, 960)  # a fourth row: the metrics
+    bv.main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")])
+    assert png(tmp_path / "plot.png").size == (880, 1200)
