@@ -8,6 +8,9 @@ Welling 2013 (VAE), Higgins et al. 2017 (beta-VAE), Burgess et al. 2018 (capacit
     python betavae.py train --beta 4 --resume         # continue runs/shapes-beta4 from its last.pt
     python betavae.py traverse --gif                  # latent traversal of the newest run's best.pt
     python betavae.py interpolate / sample / reconstruct / plot
+    python betavae.py evaluate                        # MIG, SAP, DCI, modularity, beta-VAE, FactorVAE scores
+    python betavae.py train --dataset mnist --data-dir data --download    # or dsprites, celeba, folder
+    python betavae.py bench                           # loader, training, encoder and decoder img/s
     python betavae.py --help                          # every subcommand; `train --help` every option
 """
 from __future__ import annotations
@@ -34,8 +37,8 @@ from torchvision.utils import save_image
 
 # torch-free helpers shared with infer_onnx.py, so that both tools draw the same pictures
 from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_codes, interpolation_figure, labelled,
-                        read_image, report_errors, save_figure, select_dims, stack_vertically, traversal_codes,
-                        traversal_gif, traversal_labels, traversal_values)
+                        read_image, report_errors, save_figure, select_dims, stack_vertically, time_calls,
+                        traversal_codes, traversal_gif, traversal_labels, traversal_values)
 
 __version__ = "0.1.0"
 IMAGE_SIZE = 64
@@ -52,13 +55,18 @@ def option(default, help: str, **argparse_kwargs):
 @dataclass
 class Config:
     # data
-    dataset: str = option("shapes", "training data; shapes is built in and needs no download",
-                          choices=["shapes"])
-    val_size: int = option(5000, "images held out for validation (a fixed, seeded subset)")
+    dataset: str = option("shapes", "training data; shapes is built in, the others read --data-dir",
+                          choices=["shapes", "dsprites", "mnist", "fashion-mnist", "celeba", "folder"])
+    data_dir: str = option("data", "folder holding the files of dsprites, mnist, fashion-mnist, celeba or folder")
+    val_size: int = option(5000, "shapes: images held out for validation (a fixed, seeded subset)")
+    val_fraction: float = option(0.05, "datasets without an official split: fraction held out for validation")
+    workers: int = option(-1, "DataLoader worker processes (-1: none for data held in memory, half the "
+                          "CPU cores, 1 to 4, for image files)")
     epoch_size: int = option(20000, "training images drawn per epoch; 0 means a full pass")
     # model
     latent_dim: int = option(128, "number of latent dimensions")
-    channels: int = field(default=1, metadata={})  # set from the data, not a flag
+    channels: int = option(0, "image channels for --dataset folder: 1 or 3 (0: 3 unless every image is grey); "
+                           "set from the data for the others", choices=[0, 1, 3])
     # loss
     recon: str = option("mse", "reconstruction term: squared error or Bernoulli cross-entropy",
                         choices=["mse", "bce"])
@@ -85,7 +93,7 @@ class Config:
 
 
 # Flags that may change when a run is resumed; every other one must match the stored run.
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir"}
 
 
 def check_config(cfg: Config) -> None:
@@ -94,6 +102,8 @@ def check_config(cfg: Config) -> None:
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.latent_dim >= 1, "--latent-dim must be >= 1"),
         (cfg.val_size >= 1, "--val-size must be >= 1"),
+        (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (cfg.workers >= -1, "--workers must be >= 0 (or -1 for automatic)"),
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
         (cfg.free_bits >= 0, "--free-bits must be >= 0"),
@@ -201,14 +211,240 @@ def split_validation(dataset: Dataset, val_size: int) -> tuple[Subset, Subset]:
     return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.sort().values.tolist())
 
 
-DATASETS = {"shapes": Shapes}
+# Real data. Nothing is fetched unless `train --download` asks for it; each loader names the files it
+# expects. Every dataset yields (C, 64, 64) float images in [0, 1].
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".tif", ".tiff"}
+DSPRITES_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+DSPRITES_URL = "https://github.com/deepmind/dsprites-dataset/raw/master/" + DSPRITES_FILE
+DSPRITES_FACTORS = ("color", "shape", "scale", "orientation", "pos_x", "pos_y")
 
 
-def make_datasets(cfg: Config) -> tuple[Subset, Subset]:
-    """(train, val) for cfg.dataset; sets cfg.channels from the data."""
-    dataset = DATASETS[cfg.dataset]()
+def to_model_size(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, h, w) -> float (B, C, 64, 64) in [0, 1]."""
+    x = images.float() / 255
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as uint8 (N, C, h, w), scaled to 64x64 a batch at a time."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.channels = images, images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return list(to_model_size(self.images[indices]))
+
+
+class DSprites(Dataset):
+    """DeepMind's dSprites npz (or a subset saved in the same format) with its ground-truth factors."""
+
+    channels = 1
+
+    def __init__(self, path: Path):
+        try:
+            with np.load(path) as npz:  # never unpickles: 'metadata' (a pickled dict) is not read
+                images, classes = npz["imgs"], npz["latents_classes"]
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{path} is not a dSprites npz with 'imgs' and 'latents_classes' ({e})")
+        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(classes) != len(images):
+            raise UserError(f"{path}: expected imgs (N, 64, 64) and latents_classes (N, K), got "
+                            f"{images.shape} and {classes.shape}")
+        names = DSPRITES_FACTORS[-classes.shape[1]:]
+        varying = [k for k in range(classes.shape[1]) if np.unique(classes[:, k]).size > 1]  # drops colour
+        self.factor_names = tuple(names[k] for k in varying)
+        self.classes = classes[:, varying].astype(np.int64)
+        self.factor_sizes = tuple(int(c.max()) + 1 for c in self.classes.T)
+        self.packed = np.packbits(images.astype(bool), axis=-1)  # (N, 64, 8): binary images, 8x smaller
+        self.rows = np.full(math.prod(self.factor_sizes), -1, dtype=np.int64)  # factor grid point -> row
+        self.rows[np.ravel_multi_index(self.classes.T, self.factor_sizes)] = np.arange(len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def factors(self, indices) -> torch.Tensor:
+        return torch.from_numpy(self.classes[np.asarray(indices)])
+
+    def images(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.unpackbits(self.packed[rows], axis=-1)).float().unsqueeze(1)
+
+    def render(self, factors) -> torch.Tensor:
+        """The images with the given factor classes, looked up in the file."""
+        rows = self.rows[np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)]
+        if (rows < 0).any():
+            raise UserError("this dSprites file lacks some factor combinations; the metrics need the full grid")
+        return self.images(rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images(np.array([index]))[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return list(self.images(np.asarray(indices)))
+
+
+class ImageFiles(Dataset):
+    """Every image below a folder, recursively: centre-cropped to a square and resized to 64x64."""
+
+    def __init__(self, root: Path, channels: int = 0):
+        from PIL import Image
+        if not root.is_dir():
+            raise UserError(f"--data-dir {root} is not a folder")
+        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files, bad, grey = [], [], True
+        for path in candidates:
+            try:
+                with Image.open(path) as image:
+                    grey &= image.mode in ("1", "L", "LA", "I", "I;16", "F")
+                    image.verify()
+                self.files.append(path)
+            except Exception:  # PIL raises many types for a broken file; all mean "skip it"
+                bad.append(path.name)
+        if bad:
+            print(f"warning: skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:5])}"
+                  + (" ..." if len(bad) > 5 else ""))
+        if not self.files:
+            raise UserError(f"no readable image ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
+        self.channels = channels or (1 if grey else 3)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+        with Image.open(self.files[index]) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            w, h = image.size
+            side = min(w, h)
+            image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+            array = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32) / 255
+        return torch.from_numpy(array.reshape(IMAGE_SIZE, IMAGE_SIZE, self.channels)).permute(2, 0, 1)
+
+
+class FirstItem(Dataset):
+    """The image of a torchvision dataset that yields (image, target) pairs."""
+
+    def __init__(self, base: Dataset, channels: int):
+        self.base, self.channels = base, channels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.base[index][0]
+
+
+def load_shapes(cfg: Config, download: bool):
+    return Shapes(), None
+
+
+def load_dsprites(cfg: Config, download: bool):
+    path = Path(cfg.data_dir) / DSPRITES_FILE
+    if not path.is_file() and download:
+        from torchvision.datasets.utils import download_url
+        try:
+            download_url(DSPRITES_URL, cfg.data_dir, DSPRITES_FILE)
+        except Exception as e:  # urllib raises many types when offline
+            raise UserError(f"could not download {DSPRITES_URL} ({e.__class__.__name__}); offline? "
+                            f"place {DSPRITES_FILE} in {cfg.data_dir} by hand")
+    if not path.is_file():
+        raise UserError(f"dsprites needs {path} (from github.com/deepmind/dsprites-dataset); add --download "
+                        f"to fetch it, or pass --data-dir")
+    return DSprites(path), None
+
+
+def load_mnist(cfg: Config, download: bool):
+    """MNIST or Fashion-MNIST from torchvision's raw IDX layout; the official test split validates."""
+    from torchvision import datasets
+    kind = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
+    try:
+        train, test = (kind(cfg.data_dir, train=split, download=download) for split in (True, False))
+    except RuntimeError:  # torchvision's "Dataset not found"
+        raw = Path(cfg.data_dir) / kind.__name__ / "raw"
+        raise UserError(f"{cfg.dataset} needs {raw}/train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                        f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte; add --download to fetch them")
+    except OSError as e:  # a failed download
+        raise UserError(f"could not download {cfg.dataset} ({e.__class__.__name__}); offline?")
+    return ArrayImages(train.data[:, None]), ArrayImages(test.data[:, None])
+
+
+def load_celeba(cfg: Config, download: bool):
+    """CelebA's aligned faces, centre crop 148 then 64x64 (the usual VAE preprocessing); official splits."""
+    from torchvision import datasets, transforms
+    prepare = transforms.Compose([transforms.CenterCrop(148), transforms.Resize(IMAGE_SIZE), transforms.ToTensor()])
+    try:
+        train, valid = (datasets.CelebA(cfg.data_dir, split=split, target_type=[], transform=prepare,
+                                        download=download) for split in ("train", "valid"))
+    except Exception:  # missing files, a failed integrity check, or Google Drive's quota error
+        raise UserError(f"celeba needs {Path(cfg.data_dir) / 'celeba'}/img_align_celeba/ and its list_*.txt and "
+                        f"identity_CelebA.txt files; --download often hits Google Drive's quota: download them from "
+                        f"mmlab.ie.cuhk.edu.hk/projects/CelebA.html and place them there by hand")
+    return FirstItem(train, 3), FirstItem(valid, 3)
+
+
+def load_folder(cfg: Config, download: bool):
+    return ImageFiles(Path(cfg.data_dir), cfg.channels), None
+
+
+# name -> loader(cfg, download) returning (the dataset, its official validation split or None)
+DATASETS = {"shapes": load_shapes, "dsprites": load_dsprites, "mnist": load_mnist, "fashion-mnist": load_mnist,
+            "celeba": load_celeba, "folder": load_folder}
+
+
+_loaded: dict[tuple, tuple] = {}  # a process loads each dataset once (dSprites takes seconds)
+
+
+def load_dataset(cfg: Config, download: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+    """(the dataset, its official validation split or None), loaded once per process."""
+    key = (cfg.dataset, cfg.data_dir, cfg.channels)
+    if key not in _loaded:
+        _loaded[key] = DATASETS[cfg.dataset](cfg, download)
+    return _loaded[key]
+
+
+def full_dataset(cfg: Config) -> Dataset:
+    """The dataset a checkpoint was trained on, whole (its training split where there is an official one)."""
+    return load_dataset(cfg)[0]
+
+
+def make_datasets(cfg: Config, download: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, val) for cfg.dataset: the official split where one exists, else a fixed random one
+    (--val-size for shapes, --val-fraction otherwise); sets cfg.channels from the data."""
+    dataset, official_val = load_dataset(cfg, download)
     cfg.channels = dataset.channels
-    return split_validation(dataset, cfg.val_size)
+    _loaded[(cfg.dataset, cfg.data_dir, cfg.channels)] = dataset, official_val  # now known by its channels too
+    if official_val is not None:
+        return dataset, official_val
+    val_size = cfg.val_size if cfg.dataset == "shapes" else max(1, round(cfg.val_fraction * len(dataset)))
+    return split_validation(dataset, val_size)
+
+
+def loader_workers(cfg: Config) -> int:
+    """--workers, or automatically: none for data in memory (it loads far faster than it trains: see the
+    README's bench), and half the cores (1 to 4) for image files, leaving the rest to training."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    return max(1, min(4, (os.cpu_count() or 2) // 2)) if cfg.dataset in ("folder", "celeba") else 0
+
+
+class EpochBatches:
+    """A batch sampler whose batches change every epoch, so one DataLoader (and its workers) serves all."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def preview_images(val_set: Dataset, n: int) -> torch.Tensor:
@@ -622,7 +858,7 @@ def prepare_run(args) -> tuple[Config, Optional[dict]]:
         raise UserError(f"nothing to resume: {last} does not exist")
     state = read_checkpoint(last)
     stored = config_from_dict(state["config"], last)
-    for name in args.given - RESUMABLE_FLAGS - {"resume"}:
+    for name in (args.given & {f.name for f in fields(Config)}) - RESUMABLE_FLAGS:
         if getattr(cfg, name) != getattr(stored, name):
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the run being "
                             f"resumed ({getattr(stored, name)}); start a new run with another --out")
@@ -715,7 +951,7 @@ EVAL_EVERY_SAMPLE = {"n": 1000, "points": (1000, 500)}
 
 def training_metrics(model: BetaVAE, cfg: Config, device) -> dict[str, float]:
     """The disentanglement metrics during training (--eval-every), on the smaller EVAL_EVERY_SAMPLE."""
-    dataset = DATASETS[cfg.dataset]()
+    dataset = full_dataset(cfg)
     if not hasattr(dataset, "render"):
         return {}
     metrics = disentanglement_metrics(encoder_representation(model, dataset, device), dataset.factor_sizes,
@@ -730,7 +966,7 @@ def train(args) -> None:
     out = Path(cfg.out)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    train_set, val_set = make_datasets(cfg)
+    train_set, val_set = make_datasets(cfg, download=args.download)
     make_output_folder(out)
     writer = tensorboard_writer(cfg, out)
 
@@ -761,14 +997,19 @@ def train(args) -> None:
             "kl_per_dim": run["history"][-1]["kl_per_dim"] if run["history"] else None})
 
     # every DataLoader gets its own generator, so the global RNG sees only the model's noise: exact resume
-    val_loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
+    workers = loader_workers(cfg)
+    batches = EpochBatches()
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    val_loader = DataLoader(val_set, batch_size=256, num_workers=workers, persistent_workers=workers > 0,
+                            generator=torch.Generator())
     val_images = preview_images(val_set, 8).to(device)
     sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"betavae {__version__} | device {device} | {cfg.dataset}: {len(train_set):,} train / "
           f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
     print(describe_loss(cfg))
-    print(f"seed {cfg.seed} | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
+    print(f"seed {cfg.seed} | {workers} loader workers | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
           f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
 
     session_start = time.perf_counter()
@@ -778,10 +1019,10 @@ def train(args) -> None:
             if run["step"]:  # resuming inside this epoch: replay its order from the epoch's start
                 sampler_rng.set_state(run["epoch_sampler"])
             run["epoch_sampler"] = sampler_rng.get_state()
-            batches = epoch_batches(train_set, cfg, sampler_rng)
-            loader = DataLoader(train_set, batch_sampler=batches[run["step"]:], generator=torch.Generator())
+            epoch_order = epoch_batches(train_set, cfg, sampler_rng)
+            batches.batches = epoch_order[run["step"]:]
             images, seconds = train_epoch(model, optimizer, loader, cfg, epoch, beta, capacity, run, stop, device)
-            if stop.requested and run["step"] < len(batches):
+            if stop.requested and run["step"] < len(epoch_order):
                 run["elapsed"] += time.perf_counter() - session_start
                 checkpoint(out / "last.pt")
                 raise UserError(f"interrupted at epoch {epoch} step {run['step']}: saved {out / 'last.pt'}; "
@@ -876,7 +1117,7 @@ def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[i
 
 def dataset_images(cfg: Config, indices: list[int]) -> torch.Tensor:
     """Items of the checkpoint's dataset, (N, C, 64, 64)."""
-    dataset = DATASETS[cfg.dataset]()
+    dataset = full_dataset(cfg)
     for i in indices:
         if not 0 <= i < len(dataset):
             raise UserError(f"--index {i} is outside {cfg.dataset}'s {len(dataset):,} images (0 to {len(dataset) - 1})")
@@ -889,14 +1130,16 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
 
 def base_code(args, model: BetaVAE, cfg: Config, device) -> torch.Tensor:
     """The code the traversal starts from: the prior mean 0 with --prior, else mu of --image, of
-    --index, or of the dataset item in the middle of every factor (for shapes: a centred ellipse)."""
+    --index, or of the dataset item in the middle of every factor (for shapes: a centred ellipse; the
+    middle item for a dataset without factors)."""
     if args.prior:
         return torch.zeros(cfg.latent_dim, device=device)
     if args.image:
         x = torch.from_numpy(read_image(args.image, cfg.channels, IMAGE_SIZE))
     else:
-        dataset = DATASETS[cfg.dataset]()
-        middle = int(np.ravel_multi_index([s // 2 for s in dataset.factor_sizes], dataset.factor_sizes))
+        dataset = full_dataset(cfg)
+        sizes = getattr(dataset, "factor_sizes", None)
+        middle = int(np.ravel_multi_index([s // 2 for s in sizes], sizes)) if sizes else len(dataset) // 2
         x = dataset_images(cfg, [middle if args.index is None else args.index])
     return model.encode(x.to(device))[0][0]
 
@@ -929,7 +1172,7 @@ def interpolate(args) -> None:
         x = dataset_images(cfg, args.index)
     else:
         pick = torch.Generator().manual_seed(args.seed)
-        x = dataset_images(cfg, torch.randint(len(DATASETS[cfg.dataset]()), (2 * args.pairs,), generator=pick).tolist())
+        x = dataset_images(cfg, torch.randint(len(full_dataset(cfg)), (2 * args.pairs,), generator=pick).tolist())
     mu = to_numpy(model.encode(x.to(device))[0])
     codes = np.concatenate([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
     decoded = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
@@ -1213,7 +1456,7 @@ def evaluate(args) -> None:
     results = {"checkpoint": str(path), "dataset": cfg.dataset, "seed": args.seed, "n": args.n,
                "points": list(args.points), "val_recon": val["recon"], "val_kl": val["kl"],
                "active_dims": active_dims(val["kl_per_dim"]), "kl_per_dim": val["kl_per_dim"]}
-    dataset = DATASETS[cfg.dataset]()
+    dataset = full_dataset(cfg)
     if hasattr(dataset, "render"):
         representation = encoder_representation(model, dataset, device)
         results.update(disentanglement_metrics(representation, dataset.factor_sizes, args.n, args.seed, args.points))
@@ -1231,12 +1474,81 @@ def evaluate(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Benchmark: is the data path fast enough, and how fast is each part of a step on this machine?
+
+def bench(args) -> None:
+    """Images per second on this device: the data loader alone, the full training step (data included),
+    the bare model step on data already in memory, the encoder and the decoder; medians of --repeats."""
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                 latent_dim=args.latent_dim, workers=args.workers, channels=args.channels)
+    check_config(cfg)
+    device = pick_device(args.device)
+    train_set, _ = make_datasets(cfg)
+    workers = loader_workers(cfg)
+    fmt, steps = memory_format(device), args.steps
+    model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=fmt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    order = torch.Generator().manual_seed(0)
+    batches = EpochBatches()
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def data(step_fn=None):
+        batches.batches = [torch.randint(len(train_set), (cfg.batch_size,), generator=order).tolist()
+                           for _ in range(steps)]
+        for x in loader:
+            if step_fn:
+                step_fn(x.to(device, non_blocking=True).contiguous(memory_format=fmt))
+        sync()
+
+    x = torch.stack([train_set[i % len(train_set)] for i in range(cfg.batch_size)])
+    x = x.to(device).contiguous(memory_format=fmt)
+    beta, capacity = schedule(cfg, cfg.epochs)
+
+    def step(batch):
+        train_step(model, optimizer, batch, cfg, beta, capacity)
+
+    def model_steps():
+        for _ in range(steps):
+            step(x)
+        sync()
+
+    @torch.no_grad()
+    def encode_decode(part):
+        big = x.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256]
+        z = torch.randn(256, cfg.latent_dim, device=device)
+        for _ in range(steps):
+            model.encode(big) if part == "encoder" else model.decode(z)
+        sync()
+
+    per_call = steps * cfg.batch_size
+    seconds = {"data loader": time_calls(data, args.repeats),
+               "train step, data included": time_calls(lambda: data(step), args.repeats),
+               "train step, data in memory": time_calls(model_steps, args.repeats)}
+    model.eval()
+    seconds["encoder (eval, batch 256)"] = time_calls(lambda: encode_decode("encoder"), args.repeats)
+    seconds["decoder (eval, batch 256)"] = time_calls(lambda: encode_decode("decoder"), args.repeats)
+    rates = {name: (256 * steps if "256" in name else per_call) / s for name, s in seconds.items()}
+    print(f"betavae {__version__} bench | {device} | {cfg.dataset}, batch {cfg.batch_size}, {workers} loader workers, "
+          f"{torch.get_num_threads()} threads | median of {args.repeats} x {steps} steps")
+    for name, rate in rates.items():
+        print(f"{name:>28}  {rate:10,.0f} img/s")
+    print(f"{'loader / full step':>28}  {rates['data loader'] / rates['train step, data included']:10.1f} x")
+    print(f"{'full step / model step':>28}  {rates['train step, data included'] / rates['train step, data in memory']:10.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "dataset": cfg.dataset, "workers": workers,
+                                               "batch_size": cfg.batch_size, "img_per_s": rates}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: one subcommand per function; parsing happens only in main().
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per Config field, with the field's default and help."""
+def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]] = None) -> None:
+    """One --flag per Config field (or per field in `names`), with the field's default and help."""
     for f in fields(Config):
-        if "help" not in f.metadata:
+        if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -1254,6 +1566,7 @@ def build_parser() -> Parser:
     p = commands.add_parser("train", help="train a Beta-VAE", description=train.__doc__, allow_abbrev=False)
     add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--download", action="store_true", help="fetch the dataset's files into --data-dir if missing")
     p.set_defaults(func=train)
 
     figure = Parser(add_help=False)  # what every picture command shares
@@ -1304,6 +1617,15 @@ def build_parser() -> Parser:
                    help="beta-VAE and FactorVAE training and evaluation points (default: 10000 5000)")
     p.add_argument("--seed", type=int, default=0, help="results repeat exactly with the same seed (default: 0)")
     p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("bench", help="throughput of the loader, training step, encoder and decoder",
+                            description=bench.__doc__)
+    add_config_flags(p, ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=bench)
 
     p = commands.add_parser("plot", help="charts of a run's history.csv", description=plot.__doc__)
     p.add_argument("--run", help="run folder (default: the newest runs/* with a best.pt)")

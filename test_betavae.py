@@ -826,3 +826,151 @@ def test_eval_every_adds_the_metrics_to_history_and_plots(tmp_path, monkeypatch)
     assert png(tmp_path / "run/loss_curves.png").size == (800, 960)  # a fourth row: the metrics
     bv.main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")])
     assert png(tmp_path / "plot.png").size == (880, 1200)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real data from local files (fixtures written by the tests; nothing is downloaded)
+
+def write_fake_dsprites(path, with_colour=True, rows=None):
+    """An npz in the official layout: imgs (N, 64, 64) uint8, latents_classes (N, 6), latents_values,
+    and metadata (a pickled dict, as in DeepMind's file, which the loader must never unpickle)."""
+    sizes = (1, 3, 2, 2, 4, 4)  # colour never varies, as in dSprites
+    classes = factor_grid(sizes)
+    images = (np.random.default_rng(0).random((len(classes), 64, 64)) > 0.9).astype(np.uint8)
+    if rows is not None:
+        classes, images = classes[rows], images[rows]
+    if not with_colour:
+        classes = classes[:, 1:]
+    np.savez(path, imgs=images, latents_classes=classes, latents_values=classes.astype(float),
+             metadata=np.array({"description": "fake"}, dtype=object))
+    return images, classes
+
+
+def write_idx(path, array):
+    """An uncompressed IDX file, as torchvision's MNIST reads from MNIST/raw/."""
+    import struct
+    code = 0x08  # unsigned byte
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, code, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def write_fake_mnist(root, folder="MNIST"):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 40), ("t10k", 12)]:
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+
+
+def write_image_folder(root):
+    from PIL import Image
+    (root / "nested" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(root / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "nested" / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8)).save(root / "nested" / "deeper" / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)).save(root / "tall.bmp")
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "notes.txt").write_text("not an image at all")
+
+
+def test_dsprites_npz_loads_with_its_factors(tmp_path):
+    images, classes = write_fake_dsprites(tmp_path / bv.DSPRITES_FILE)
+    ds = bv.DSprites(tmp_path / bv.DSPRITES_FILE)
+    assert ds.factor_names == ("shape", "scale", "orientation", "pos_x", "pos_y")  # colour dropped
+    assert ds.factor_sizes == (3, 2, 2, 4, 4) and len(ds) == 192 and ds.channels == 1
+    assert torch.equal(ds[17][0], torch.from_numpy(images[17]).float())
+    assert ds.factors([17]).tolist() == [classes[17, 1:].tolist()]
+    batch = ds.__getitems__([3, 100])
+    assert torch.equal(batch[1], ds[100])
+    assert torch.equal(ds.render(ds.factors([100, 3])), torch.stack([ds[100], ds[3]]))
+
+
+def test_dsprites_subset_without_colour_loads(tmp_path):
+    rows = np.sort(np.random.default_rng(3).choice(192, 150, replace=False))  # fewer rows, colour removed
+    images, classes = write_fake_dsprites(tmp_path / "subset.npz", with_colour=False, rows=rows)
+    ds = bv.DSprites(tmp_path / "subset.npz")
+    assert ds.factor_sizes == (3, 2, 2, 4, 4) and len(ds) == 150
+    assert torch.equal(ds[5][0], torch.from_numpy(images[5]).float())
+    assert torch.equal(ds.render(classes[[7]]), ds[7][None])
+    dropped = factor_grid((3, 2, 2, 4, 4))[np.setdiff1d(np.arange(192), rows)[:1]]
+    with pytest.raises(bv.UserError, match="lacks some factor combinations"):
+        ds.render(dropped)
+
+
+def test_mnist_idx_files_load_in_torchvision_layout(tmp_path):
+    write_fake_mnist(tmp_path)
+    cfg = bv.Config(dataset="mnist", data_dir=str(tmp_path))
+    train, val = bv.make_datasets(cfg)
+    assert (len(train), len(val), cfg.channels) == (40, 12, 1)  # the official test split validates
+    x = train.__getitems__([0, 1])
+    assert x[0].shape == (1, 64, 64) and 0 <= x[0].min() and x[0].max() <= 1
+
+
+def test_image_folder_skips_and_reports_broken_files(tmp_path, capsys):
+    write_image_folder(tmp_path)
+    ds = bv.ImageFiles(tmp_path)
+    assert sorted(p.name for p in ds.files) == ["grey.png", "photo.jpg", "tall.bmp", "wide.png"]
+    warning = capsys.readouterr().out.strip().splitlines()
+    assert len(warning) == 1 and "skipped 1 unreadable image" in warning[0] and "broken.png" in warning[0]
+    assert ds.channels == 3 and all(ds[i].shape == (3, 64, 64) for i in range(len(ds)))
+    assert bv.ImageFiles(tmp_path, channels=1)[0].shape == (1, 64, 64)
+    grey = tmp_path / "nested" / "deeper"
+    assert bv.ImageFiles(grey).channels == 1  # every image grey: one channel
+
+
+def test_missing_or_empty_data_gives_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [(["--dataset", "folder", "--data-dir", tmp_path / "empty"], "no readable image"),
+             (["--dataset", "folder", "--data-dir", tmp_path / "missing"], "is not a folder"),
+             (["--dataset", "dsprites", "--data-dir", tmp_path], "add --download to fetch it"),
+             (["--dataset", "mnist", "--data-dir", tmp_path], "train-images-idx3-ubyte"),
+             (["--dataset", "fashion-mnist", "--data-dir", tmp_path], "FashionMNIST/raw"),
+             (["--dataset", "celeba", "--data-dir", tmp_path], "place them there by hand")]
+    for flags, message in cases:
+        assert_one_line_error(run_cli("train", *TINY, "--out", tmp_path / "run", *flags), message)
+
+
+def test_train_one_tiny_epoch_on_each_local_dataset(tmp_path):
+    write_fake_dsprites(tmp_path / bv.DSPRITES_FILE)
+    write_fake_mnist(tmp_path)
+    write_fake_mnist(tmp_path, "FashionMNIST")
+    write_image_folder(tmp_path / "pictures")
+    for name, data_dir, channels in [("dsprites", tmp_path, 1), ("mnist", tmp_path, 1),
+                                     ("fashion-mnist", tmp_path, 1), ("folder", tmp_path / "pictures", 3)]:
+        out = tmp_path / f"run-{name}"
+        code = train_in_process(out, "--epochs", "1", "--dataset", name, "--data-dir", data_dir,
+                                "--val-fraction", "0.25", "--workers", "0")
+        assert code == 0, name
+        model, cfg = bv.load_checkpoint(out / "best.pt")
+        assert cfg.channels == channels and cfg.dataset == name
+    result = run_cli("traverse", "--checkpoint", tmp_path / "run-folder/best.pt", "--index", "1", "--dims", "2",
+                     "--out", tmp_path / "t.png")  # figures read the checkpoint's dataset again
+    assert result.returncode == 0, result.stderr
+    result = run_cli("evaluate", "--checkpoint", tmp_path / "run-dsprites/best.pt", "--n", "100",
+                     "--points", "10", "5", "--out", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    assert "mig" in json.loads((tmp_path / "m.json").read_text())
+
+
+def test_loader_workers_give_the_same_training(tmp_path):
+    write_image_folder(tmp_path / "pictures")
+    common = ["--epochs", "1", "--dataset", "folder", "--data-dir", tmp_path / "pictures", "--val-fraction", "0.25"]
+    assert train_in_process(tmp_path / "w0", *common, "--workers", "0") == 0
+    assert train_in_process(tmp_path / "w2", *common, "--workers", "2") == 0
+    assert_same_weights(weights(tmp_path / "w0/last.pt"), weights(tmp_path / "w2/last.pt"))
+
+
+def test_bench_reports_every_rate(tmp_path):
+    write_image_folder(tmp_path / "pictures")
+    for flags in [[], ["--dataset", "folder", "--data-dir", tmp_path / "pictures", "--workers", "1"]]:
+        result = run_cli("bench", "--batch-size", "4", "--latent-dim", "4", "--steps", "2", "--repeats", "1",
+                         "--json", tmp_path / "bench.json", *flags)
+        assert result.returncode == 0, result.stderr
+        rates = json.loads((tmp_path / "bench.json").read_text())["img_per_s"]
+        assert set(rates) == {"data loader", "train step, data included", "train step, data in memory",
+                              "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
+        assert all(rate > 0 for rate in rates.values())
+        assert "loader / full step" in result.stdout
