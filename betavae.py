@@ -366,12 +366,12 @@ def load_mnist(cfg: Config, download: bool):
     kind = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
     try:
         train, test = (kind(cfg.data_dir, train=split, download=download) for split in (True, False))
-    except RuntimeError:  # torchvision's "Dataset not found"
+    except (RuntimeError, OSError):  # torchvision's "Dataset not found", or every mirror failed
         raw = Path(cfg.data_dir) / kind.__name__ / "raw"
-        raise UserError(f"{cfg.dataset} needs {raw}/train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                        f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte; add --download to fetch them")
-    except OSError as e:  # a failed download
-        raise UserError(f"could not download {cfg.dataset} ({e.__class__.__name__}); offline?")
+        files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+        if download:
+            raise UserError(f"could not download {cfg.dataset} (offline?); place {files} in {raw} by hand")
+        raise UserError(f"{cfg.dataset} needs {files} in {raw}; add --download to fetch them")
     return ArrayImages(train.data[:, None]), ArrayImages(test.data[:, None])
 
 

@@ -9,7 +9,6 @@ mu and logvar, with no random ops. Both carry betavae's metadata, so infer_onnx.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -85,6 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--encoder", action="store_true", help="also write encoder.onnx beside the decoder")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     parser.add_argument("--bench", action="store_true", help="then time onnxruntime against PyTorch eager")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per batch size for --bench (default: 50)")
     args = parser.parse_args(argv)
     report_errors(run, args)
 
@@ -109,12 +109,11 @@ def run(args) -> None:
                metadata(cfg, state, ranking, "encoder"), args.opset)
     if args.bench:
         decoder = Decoder(out)
-        repeats = 50
         with torch.no_grad():
-            results = {"onnxruntime": decoder_speed(decoder, cfg.latent_dim, repeats),
+            results = {"onnxruntime": decoder_speed(decoder, cfg.latent_dim, args.repeats),
                        "PyTorch eager": decoder_speed(lambda z: model.decode(torch.from_numpy(z)),
-                                                      cfg.latent_dim, repeats)}
-        print(f"decoder speed on the CPU ({torch.get_num_threads()} PyTorch threads), median of {repeats} calls:")
+                                                      cfg.latent_dim, args.repeats)}
+        print(f"decoder speed on the CPU ({torch.get_num_threads()} PyTorch threads), median of {args.repeats} calls:")
         print(speed_table(results))
 
 

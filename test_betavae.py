@@ -974,3 +974,12 @@ def test_bench_reports_every_rate(tmp_path):
                               "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
         assert all(rate > 0 for rate in rates.values())
         assert "loader / full step" in result.stdout
+
+
+def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_script("export.py", "--checkpoint", out / "best.pt", "--out", tmp_path / "decoder.onnx",
+                        "--bench", "--repeats", "2")
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "onnxruntime" in line and "PyTorch eager" in line)
+    assert header and "latency, batch 1" in result.stdout and "throughput, batch 64" in result.stdout
