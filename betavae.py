@@ -82,6 +82,8 @@ class Config:
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    amp: bool = option(False, "bfloat16 autocast for the model's forward pass (CPU and CUDA); the loss and "
+                       "the weights stay float32")
     seed: int = option(0, "seeds python, numpy and torch; a CPU run repeats bit for bit")
     device: str = option("auto", "auto picks CUDA, then MPS, then CPU",
                          choices=["auto", "cpu", "cuda", "mps"])
@@ -93,7 +95,7 @@ class Config:
 
 
 # Flags that may change when a run is resumed; every other one must match the stored run.
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir", "amp"}
 
 
 def check_config(cfg: Config) -> None:
@@ -202,7 +204,8 @@ class Shapes(Dataset):
 def split_validation(dataset: Dataset, val_size: int) -> tuple[Subset, Subset]:
     """A fixed validation subset, the same for every run and seed, so validation losses compare."""
     if val_size >= len(dataset):
-        raise UserError(f"--val-size {val_size} leaves no training data ({len(dataset)} images)")
+        raise UserError(f"a validation set of {val_size} leaves no training data ({len(dataset)} images); "
+                        f"lower --val-size or --val-fraction")
     generator = torch.Generator().manual_seed(1234)
     val_idx = torch.randperm(len(dataset), generator=generator)[:val_size]
     is_val = torch.zeros(len(dataset), dtype=torch.bool)
@@ -686,7 +689,9 @@ class NonFiniteLoss(Exception):
 
 def train_step(model, optimizer, x, cfg: Config, beta: float, capacity) -> dict[str, torch.Tensor]:
     """One Adam step on a batch; refuses to step on a NaN/inf loss so the weights stay good."""
-    logits, mu, logvar = model(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        outputs = model(x)
+    logits, mu, logvar = (t.float() for t in outputs)  # the loss's sums and exp in float32
     parts = loss_terms(logits, x, mu, logvar, recon=cfg.recon, beta=beta, free_bits=cfg.free_bits,
                        capacity=capacity, gamma=cfg.gamma)
     if not torch.isfinite(parts["total"]):
@@ -966,6 +971,8 @@ def train(args) -> None:
     out = Path(cfg.out)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    if cfg.amp and device.type not in ("cpu", "cuda"):
+        raise UserError(f"--amp (bfloat16 autocast) runs on the CPU or CUDA, not {device.type}")
     train_set, val_set = make_datasets(cfg, download=args.download)
     make_output_folder(out)
     writer = tensorboard_writer(cfg, out)
@@ -1476,11 +1483,31 @@ def evaluate(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Benchmark: is the data path fast enough, and how fast is each part of a step on this machine?
 
+def training_flops(step) -> int:
+    """FLOPs of one call of `step` (forward and backward), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, n: int = 2048) -> float:
+    """This device's achievable fp32 GFLOP/s: a large square matmul, median of 5 after warm-up."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def product():
+        a @ b
+        sync()
+    return 2 * n ** 3 / time_calls(product, 5) / 1e9
+
+
 def bench(args) -> None:
     """Images per second on this device: the data loader alone, the full training step (data included),
     the bare model step on data already in memory, the encoder and the decoder; medians of --repeats."""
     cfg = Config(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                 latent_dim=args.latent_dim, workers=args.workers, channels=args.channels)
+                 latent_dim=args.latent_dim, workers=args.workers, channels=args.channels, amp=args.amp)
     check_config(cfg)
     device = pick_device(args.device)
     train_set, _ = make_datasets(cfg)
@@ -1530,15 +1557,23 @@ def bench(args) -> None:
     seconds["encoder (eval, batch 256)"] = time_calls(lambda: encode_decode("encoder"), args.repeats)
     seconds["decoder (eval, batch 256)"] = time_calls(lambda: encode_decode("decoder"), args.repeats)
     rates = {name: (256 * steps if "256" in name else per_call) / s for name, s in seconds.items()}
+    model.train()
+    step_flops = training_flops(lambda: step(x))
+    achieved = step_flops * steps / seconds["train step, data in memory"] / 1e9
+    peak = matmul_peak(device)
     print(f"betavae {__version__} bench | {device} | {cfg.dataset}, batch {cfg.batch_size}, {workers} loader workers, "
           f"{torch.get_num_threads()} threads | median of {args.repeats} x {steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")
     print(f"{'loader / full step':>28}  {rates['data loader'] / rates['train step, data included']:10.1f} x")
     print(f"{'full step / model step':>28}  {rates['train step, data included'] / rates['train step, data in memory']:10.0%}")
+    print(f"{'model step':>28}  {achieved:10.1f} GFLOP/s ({step_flops / cfg.batch_size / 1e9:.2f} GFLOP per image), "
+          f"{achieved / peak:.0%} of this device's fp32 matmul peak ({peak:.0f} GFLOP/s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "dataset": cfg.dataset, "workers": workers,
-                                               "batch_size": cfg.batch_size, "img_per_s": rates}, indent=2) + "\n")
+                                               "batch_size": cfg.batch_size, "amp": cfg.amp, "img_per_s": rates,
+                                               "gflop_per_s": achieved, "matmul_peak_gflop_per_s": peak},
+                                              indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
@@ -1620,7 +1655,7 @@ def build_parser() -> Parser:
 
     p = commands.add_parser("bench", help="throughput of the loader, training step, encoder and decoder",
                             description=bench.__doc__)
-    add_config_flags(p, ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels"])
+    add_config_flags(p, ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels", "amp"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")

@@ -973,6 +973,8 @@ def test_bench_reports_every_rate(tmp_path):
         assert set(rates) == {"data loader", "train step, data included", "train step, data in memory",
                               "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
         assert all(rate > 0 for rate in rates.values())
+        numbers = json.loads((tmp_path / "bench.json").read_text())
+        assert numbers["gflop_per_s"] > 0 and numbers["matmul_peak_gflop_per_s"] > 0
         assert "loader / full step" in result.stdout
 
 
@@ -983,3 +985,20 @@ def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if "onnxruntime" in line and "PyTorch eager" in line)
     assert header and "latency, batch 1" in result.stdout and "throughput, batch 64" in result.stdout
+
+
+def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
+    x = bv.render_shapes(bv.Shapes().factors(torch.arange(8) * 91_111))
+    results = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = bv.BetaVAE(latent_dim=4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        torch.manual_seed(1)  # the same reparameterisation noise in both steps
+        parts = bv.train_step(model, optimizer, x, bv.Config(latent_dim=4, amp=amp), 4.0, None)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((parts["recon"].item(), parts["kl"].item(), grads))
+    (recon32, kl32, g32), (recon16, kl16, g16) = results
+    assert recon16 == pytest.approx(recon32, rel=1e-2) and kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-3)
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99  # the same descent direction
+    assert train_in_process(tmp_path / "amp", "--epochs", "1", "--amp") == 0
