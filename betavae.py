@@ -148,7 +148,6 @@ def schedule_done(cfg: Config, epoch: int) -> bool:
 
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
 FACTOR_SIZES = (3, 6, 40, 32, 32)
-SHAPE_NAMES = ("square", "ellipse", "heart")
 RADIUS = 10.0  # circumradius in pixels of every shape at scale 1: any rotation fits this circle
 MARGIN = RADIUS + 1  # centres stay this far from the border, so no shape touches or leaves the frame
 
@@ -170,7 +169,7 @@ def render_shapes(factors: torch.Tensor) -> torch.Tensor:
     ellipse = p ** 2 + (q / 0.5) ** 2 <= 1
     hx, hy = 1.25 * p, 0.25 - 1.25 * q                            # heart curve, centred on its circumcircle
     heart = (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
-    kind = shape[:, None, None]
+    kind = shape[:, None, None]  # 0 square, 1 ellipse, 2 heart
     image = torch.where(kind == 0, square, torch.where(kind == 1, ellipse, heart))
     return image.float().unsqueeze(1)                             # (B, 1, 64, 64)
 
@@ -448,6 +447,15 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def train_loader(train_set: Dataset, cfg: Config, device) -> tuple[DataLoader, EpochBatches, int]:
+    """(loader, its per-epoch batch sampler, worker count): one DataLoader whose workers live all run long.
+    It has its own generator, so the global RNG sees only the model's noise (exact resume)."""
+    workers, batches = loader_workers(cfg), EpochBatches()
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    return loader, batches, workers
 
 
 def preview_images(val_set: Dataset, n: int) -> torch.Tensor:
@@ -1003,13 +1011,9 @@ def train(args) -> None:
             # the latest validation KL of every dim: the figures rank the latent dims by it
             "kl_per_dim": run["history"][-1]["kl_per_dim"] if run["history"] else None})
 
-    # every DataLoader gets its own generator, so the global RNG sees only the model's noise: exact resume
-    workers = loader_workers(cfg)
-    batches = EpochBatches()
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader, batches, workers = train_loader(train_set, cfg, device)
     val_loader = DataLoader(val_set, batch_size=256, num_workers=workers, persistent_workers=workers > 0,
-                            generator=torch.Generator())
+                            generator=torch.Generator())  # its own generator too
     val_images = preview_images(val_set, 8).to(device)
     sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1098,27 +1102,24 @@ def open_checkpoint(args) -> tuple[BetaVAE, Config, dict, Path, torch.device]:
     return model, cfg, state, path, device
 
 
-def figure_path(args, checkpoint: Path, name: str) -> Path:
-    """--out, or a file named after the figure in the run's folder."""
-    path = Path(args.out) if args.out else checkpoint.parent / name
+def output_path(args, run: Path, name: str) -> Path:
+    """--out, or `name` in the run's folder; its folder is made and checked writable."""
+    path = Path(args.out) if args.out else run / name
     make_output_folder(path.parent)
     return path
 
 
-@torch.no_grad()
-def validation_kl(model: BetaVAE, cfg: Config, device) -> list[float]:
-    """Mean KL of every latent dim over the validation data, in nats."""
+def checkpoint_validation(model: BetaVAE, cfg: Config, device) -> dict:
+    """validate() for a loaded checkpoint: its validation data at the run's final beta_eff / capacity."""
     _, val_set = make_datasets(cfg)
-    total = torch.zeros(cfg.latent_dim, device=device)
-    for x in DataLoader(val_set, batch_size=256, generator=torch.Generator()):
-        total += kl_per_dim(*model.encode(x.to(device))).sum(0)
-    return (total / len(val_set)).tolist()
+    loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
+    return validate(model, loader, cfg, *schedule(cfg, cfg.epochs), device)
 
 
 def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[int, float]]:
     """(dim, mean validation KL) pairs, most informative first: stored at the end of every epoch,
     measured now for a checkpoint saved by Ctrl-C inside its first epoch."""
-    kl = state.get("kl_per_dim") or validation_kl(model, cfg, device)
+    kl = state.get("kl_per_dim") or checkpoint_validation(model, cfg, device)["kl_per_dim"]
     return sorted(enumerate(kl), key=lambda pair: -pair[1])
 
 
@@ -1161,7 +1162,7 @@ def traverse(args) -> None:
     codes = traversal_codes(base_code(args, model, cfg, device).cpu().numpy(), dims, values)
     images = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
     rows, columns = traversal_labels(shown, values)
-    out = figure_path(args, path, "traverse.png")
+    out = output_path(args, path.parent, "traverse.png")
     save_figure(labelled(image_grid(images, args.steps), IMAGE_SIZE + PADDING, rows, columns), out, "traversal")
     if args.gif:
         traversal_gif(images, dims, out.with_suffix(".gif"))
@@ -1183,7 +1184,7 @@ def interpolate(args) -> None:
     mu = to_numpy(model.encode(x.to(device))[0])
     codes = np.concatenate([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
     decoded = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
-    save_figure(interpolation_figure(to_numpy(x), decoded), figure_path(args, path, "interpolate.png"), "interpolation")
+    save_figure(interpolation_figure(to_numpy(x), decoded), output_path(args, path.parent, "interpolate.png"), "interpolation")
 
 
 @torch.no_grad()
@@ -1194,7 +1195,7 @@ def sample(args) -> None:
     model, cfg, _, path, device = open_checkpoint(args)
     z = torch.randn(args.n, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed)) * args.temperature
     images = to_numpy(model.decode(z.to(device)))
-    save_figure(image_grid(images, math.ceil(math.sqrt(args.n))), figure_path(args, path, "samples.png"),
+    save_figure(image_grid(images, math.ceil(math.sqrt(args.n))), output_path(args, path.parent, "samples.png"),
                 f"{args.n} samples")
 
 
@@ -1214,7 +1215,7 @@ def reconstruct(args) -> None:
         part = slice(start, start + 8)
         grid = image_grid(np.concatenate([originals[part], recon[part]]), len(originals[part]))
         blocks.append(labelled(grid, IMAGE_SIZE + PADDING, column_labels=[f"{cfg.recon} {e:.1f}" for e in errors[part]]))
-    save_figure(stack_vertically(blocks), figure_path(args, path, "reconstruct.png"),
+    save_figure(stack_vertically(blocks), output_path(args, path.parent, "reconstruct.png"),
                 f"{len(x)} reconstructions (mean {cfg.recon} {sum(errors) / len(errors):.2f})")
 
 
@@ -1223,7 +1224,8 @@ def read_history(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no history.csv in {path.parent}")
     try:
-        rows = list(csv.DictReader(open(path)))
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
         return [{"epoch": int(r["epoch"]), "capacity": float(r["capacity"]) if r["capacity"] else None,
                  **{k: float(r[k]) for k in HISTORY_FIELDS if k not in ("epoch", "capacity")},
                  **{m: float(r[m]) for m in METRIC_NAMES if r.get(m)},
@@ -1264,8 +1266,7 @@ def plot(args) -> None:
     ax.legend(loc="upper left")
     lr_axis.legend(loc="upper right")
     fig.tight_layout()
-    out = Path(args.out) if args.out else run / "plot.png"
-    make_output_folder(out.parent)
+    out = output_path(args, run, "plot.png")
     fig.savefig(out, dpi=80)
     plt.close(fig)
     print(f"wrote plots: {out}")
@@ -1457,9 +1458,7 @@ def evaluate(args) -> None:
         raise UserError("--n must be >= 10 and --points >= 1")
     model, cfg, _, path, device = open_checkpoint(args)
     start = time.perf_counter()
-    _, val_set = make_datasets(cfg)
-    beta, capacity = schedule(cfg, cfg.epochs)
-    val = validate(model, DataLoader(val_set, batch_size=256, generator=torch.Generator()), cfg, beta, capacity, device)
+    val = checkpoint_validation(model, cfg, device)
     results = {"checkpoint": str(path), "dataset": cfg.dataset, "seed": args.seed, "n": args.n,
                "points": list(args.points), "val_recon": val["recon"], "val_kl": val["kl"],
                "active_dims": active_dims(val["kl_per_dim"]), "kl_per_dim": val["kl_per_dim"]}
@@ -1474,8 +1473,7 @@ def evaluate(args) -> None:
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key:>28}  {value:.4f}")
-    out = Path(args.out) if args.out else path.parent / "metrics.json"
-    make_output_folder(out.parent)
+    out = output_path(args, path.parent, "metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote metrics: {out}")
 
@@ -1503,22 +1501,21 @@ def matmul_peak(device, n: int = 2048) -> float:
     return 2 * n ** 3 / time_calls(product, 5) / 1e9
 
 
+BENCH_FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels", "amp", "device"]
+
+
 def bench(args) -> None:
     """Images per second on this device: the data loader alone, the full training step (data included),
     the bare model step on data already in memory, the encoder and the decoder; medians of --repeats."""
-    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                 latent_dim=args.latent_dim, workers=args.workers, channels=args.channels, amp=args.amp)
+    cfg = Config(**{name: getattr(args, name) for name in BENCH_FLAGS})
     check_config(cfg)
-    device = pick_device(args.device)
+    device = pick_device(cfg.device)
     train_set, _ = make_datasets(cfg)
-    workers = loader_workers(cfg)
+    loader, batches, workers = train_loader(train_set, cfg, device)
     fmt, steps = memory_format(device), args.steps
     model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     order = torch.Generator().manual_seed(0)
-    batches = EpochBatches()
-    loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def data(step_fn=None):
@@ -1541,10 +1538,11 @@ def bench(args) -> None:
             step(x)
         sync()
 
+    big = x.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256]
+    z = torch.randn(256, cfg.latent_dim, device=device)
+
     @torch.no_grad()
     def encode_decode(part):
-        big = x.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256]
-        z = torch.randn(256, cfg.latent_dim, device=device)
         for _ in range(steps):
             model.encode(big) if part == "encoder" else model.decode(z)
         sync()
@@ -1655,8 +1653,7 @@ def build_parser() -> Parser:
 
     p = commands.add_parser("bench", help="throughput of the loader, training step, encoder and decoder",
                             description=bench.__doc__)
-    add_config_flags(p, ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels", "amp"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    add_config_flags(p, BENCH_FLAGS)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
     p.add_argument("--json", help="also write the numbers to this JSON file")

@@ -144,6 +144,30 @@ def test_gradients_reach_mu_and_logvar_through_the_sample():
     torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(0.5 * logvar.detach()))  # dz/dlogvar
 
 
+def test_clip_grad_bounds_the_gradient_norm():
+    x = bv.render_shapes(bv.Shapes().factors(torch.arange(4) * 77_777))
+    for clip in (0.0, 1e-3):
+        torch.manual_seed(0)
+        model = bv.BetaVAE(latent_dim=4)
+        bv.train_step(model, torch.optim.Adam(model.parameters()), x, bv.Config(clip_grad=clip), 4.0, None)
+        norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+        assert norm <= 1e-3 * (1 + 1e-4) if clip else norm > 1  # unclipped, the first step's norm is large
+
+
+def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
+    def row(epoch, recon, kl):
+        return {"epoch": epoch, "val_recon": recon, "val_kl": kl, "beta_eff": 4.0, "capacity": None, "lr": 1e-4}
+    cfg = bv.Config()
+    bv.warn_if_stuck([row(1, 90, 0.01), row(2, 80, 0.02)], cfg)
+    assert "posterior has collapsed" in capsys.readouterr().out
+    improving = [row(e, 100 - e, 5.0) for e in range(1, 8)]
+    bv.warn_if_stuck(improving, cfg)
+    assert capsys.readouterr().out == ""
+    stalled = [row(e, 50.0, 5.0) for e in range(1, 8)]
+    bv.warn_if_stuck(stalled, cfg)
+    assert "has not improved for 5 epochs" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model
 
@@ -634,7 +658,7 @@ def test_infer_onnx_runs_without_torch(exported, no_torch_env, tmp_path):
     assert result.returncode == 0, result.stderr
     assert png(tmp_path / "s.png").size == grid_size(4, 3)
     result = run_script("infer_onnx.py", "traverse", *model, "--dims", "3", "--steps", "5", "--gif",
-                        "--out", tmp_path / "t.png", env=no_torch_env)
+                        "--threads", "1", "--out", tmp_path / "t.png", env=no_torch_env)
     assert result.returncode == 0, result.stderr
     w, h = grid_size(5, 3)
     assert png(tmp_path / "t.png").size == (w + LABEL_WIDTH, h + HEADER_HEIGHT)
