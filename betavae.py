@@ -21,10 +21,13 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -82,8 +85,12 @@ class Config:
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    sync_bn: bool = option(False, "under torchrun on CUDA: BatchNorm statistics over the global batch "
+                           "(SyncBatchNorm) instead of each process's own")
     amp: bool = option(False, "bfloat16 autocast for the model's forward pass (CPU and CUDA); the loss and "
                        "the weights stay float32")
+    compile: bool = option(False, "torch.compile the training step's model (the first steps wait about a "
+                           "minute for the compiler)")
     seed: int = option(0, "seeds python, numpy and torch; a CPU run repeats bit for bit")
     device: str = option("auto", "auto picks CUDA, then MPS, then CPU",
                          choices=["auto", "cpu", "cuda", "mps"])
@@ -94,8 +101,46 @@ class Config:
     tensorboard: bool = option(False, "also log scalars and images to TensorBoard in the run folder")
 
 
+# The Config defaults above are the tutorial's settings (for faces). Where the time-to-disentangle study
+# (`python betavae.py study`, README) found better ones for a dataset, they are here; any flag overrides them.
+TUTORIAL = "the tutorial's settings"
+SPRITES = {"latent_dim": 10, "recon": "mse", "lr": 1e-3, "batch_size": 64}
+SPRITES_WHY = "binary sprites with 5 factors: the study's fastest route to MIG (README, Time to disentangle)"
+DATASET_DEFAULTS = {
+    "shapes": (SPRITES, SPRITES_WHY),
+    "dsprites": (SPRITES, SPRITES_WHY),
+    "mnist": ({}, TUTORIAL),
+    "fashion-mnist": ({}, TUTORIAL),
+    "celeba": ({}, TUTORIAL),
+    "folder": ({}, TUTORIAL),
+}
+
+
+def config_from_args(args) -> Config:
+    """The Config of a command line: its flags, then the dataset's defaults for the flags not typed,
+    then Config's (the tutorial's) for the rest."""
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if f.name in vars(args)})
+    for name, value in DATASET_DEFAULTS[cfg.dataset][0].items():
+        if name not in args.given:
+            setattr(cfg, name, value)
+    check_config(cfg)
+    return cfg
+
+
+def describe_defaults(cfg: Config, given: set[str]) -> Optional[str]:
+    """One line naming the dataset defaults a run uses instead of the tutorial's, and why (None if none)."""
+    defaults, why = DATASET_DEFAULTS[cfg.dataset]
+    used = [name for name in defaults if name not in given and getattr(cfg, name) != getattr(Config(), name)]
+    if not used:
+        return None
+    show = lambda value: f"{value:g}" if isinstance(value, float) else str(value)
+    ours = ", ".join(f"--{name.replace('_', '-')} {show(getattr(cfg, name))}" for name in used)
+    tutorial = ", ".join(show(getattr(Config(), name)) for name in used)
+    return f"{cfg.dataset} defaults: {ours} (the tutorial's: {tutorial}); {why}"
+
+
 # Flags that may change when a run is resumed; every other one must match the stored run.
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir", "amp"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir", "amp", "compile"}
 
 
 def check_config(cfg: Config) -> None:
@@ -603,6 +648,7 @@ def pick_device(name: str = "auto") -> torch.device:
         name = next(n for n in ("cuda", "mps", "cpu") if available[n])
     if not available[name]:
         raise UserError(f"--device {name} is not available on this machine")
+    torch.backends.cudnn.benchmark = True  # images are always 64x64: let cuDNN time and keep its fastest kernels
     return torch.device(name)
 
 
@@ -689,6 +735,83 @@ def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node N betavae.py train ...` starts one process (rank) per
+# device; DistributedDataParallel averages their gradients, so every rank holds the same weights.
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_ranks(cfg: Config) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; the training device."""
+    ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)))
+    device = pick_device(cfg.device)
+    if cfg.sync_bn and (ranks.world == 1 or device.type != "cuda"):
+        raise UserError("--sync-bn needs torchrun with CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
+    if ranks.world == 1:
+        return ranks, device
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun training runs on CPU (gloo) or CUDA (nccl), not {device.type}")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks, in place (a no-op in a single process); on the training device, as nccl needs."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(value) -> list:
+    """Every rank's `value` (a picklable object), in rank order."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when `flag` is true on any rank: all of them must stop at the same step."""
+    if not torch.distributed.is_initialized():
+        return flag
+    return all_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def rank_batches(batches: list, ranks: Ranks) -> list:
+    """This rank's share of the epoch's batches, dealt round-robin; every rank gets the same number, as
+    DDP needs (at most world - 1 batches of the epoch go unused)."""
+    usable = len(batches) // ranks.world * ranks.world
+    if usable == 0:
+        raise UserError(f"an epoch of {len(batches)} batches cannot feed {ranks.world} processes: "
+                        f"raise --epoch-size or lower --batch-size")
+    return batches[ranks.rank:usable:ranks.world]
+
+
+def check_replicas(model: nn.Module, ranks: Ranks) -> None:
+    """After training, every rank must hold bit-identical weights; otherwise the run is not DDP."""
+    if ranks.world == 1:
+        return
+    flat = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+    fingerprints = all_gather((flat.sum().item(), flat.square().sum().item(), flat[::97].tolist()))
+    if any(f != fingerprints[0] for f in fingerprints):
+        raise UserError("the processes ended with different weights: the distributed run is broken", code=1)
+    print(f"weights identical on all {ranks.world} processes")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training.
 
 class NonFiniteLoss(Exception):
@@ -718,18 +841,18 @@ def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
     was_training = model.training
     model.eval()
     generator = torch.Generator(device).manual_seed(0)  # same noise every epoch: losses compare
-    sums, kl_dims, n = torch.zeros(3, device=device), torch.zeros(cfg.latent_dim, device=device), 0
+    sums = torch.zeros(4 + cfg.latent_dim, device=device)  # recon, KL, total, per-dim KL, images
     for x in loader:
         x = x.to(device).contiguous(memory_format=memory_format(device))
         logits, mu, logvar = model(x, generator)
         parts = loss_terms(logits, x, mu, logvar, recon=cfg.recon, beta=beta, free_bits=cfg.free_bits,
                            capacity=capacity, gamma=cfg.gamma)
-        sums += torch.stack([parts["recon"], parts["kl"], parts["total"]]) * len(x)
-        kl_dims += parts["kl_per_dim"] * len(x)
-        n += len(x)
+        sums += torch.cat([torch.stack([parts["recon"], parts["kl"], parts["total"]]), parts["kl_per_dim"],
+                           torch.ones(1, device=device)]) * len(x)
     model.train(was_training)
-    recon, kl, total = (sums / n).tolist()
-    return {"recon": recon, "kl": kl, "total": total, "kl_per_dim": (kl_dims / n).tolist()}
+    sums = all_sum(sums)  # under torchrun each rank validated its share
+    recon, kl, total = (sums[:3] / sums[-1]).tolist()
+    return {"recon": recon, "kl": kl, "total": total, "kl_per_dim": (sums[3:-1] / sums[-1]).tolist()}
 
 
 def active_dims(kl_dims: list[float], threshold: float = 0.01) -> int:
@@ -859,8 +982,7 @@ def given_flags(argv: list[str]) -> set[str]:
 
 def prepare_run(args) -> tuple[Config, Optional[dict]]:
     """The run's Config and, with --resume, the checkpoint to continue from."""
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if f.name in vars(args)})
-    check_config(cfg)
+    cfg = config_from_args(args)
     cfg.out = cfg.out or f"runs/{cfg.dataset}-beta{cfg.beta:g}"
     last = Path(cfg.out) / "last.pt"
     if not args.resume:
@@ -951,7 +1073,8 @@ def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, 
         if tty and run["step"] % 10 == 0:
             print(f"\r  epoch {epoch}: {run['step']}/{total_steps} steps, "
                   f"{images / (time.perf_counter() - t0):.0f} img/s", end="", flush=True)
-        if stop.requested:
+        if any_rank(stop.requested, device):
+            stop.requested = True
             break
     if tty:
         print("\r" + " " * 60 + "\r", end="")
@@ -974,21 +1097,35 @@ def training_metrics(model: BetaVAE, cfg: Config, device) -> dict[str, float]:
 
 
 def train(args) -> None:
-    """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume."""
+    """Train a Beta-VAE: Adam + ReduceLROnPlateau, a checkpoint every epoch, exact resume; under torchrun,
+    DistributedDataParallel with rank 0 alone printing and writing."""
     cfg, resumed = prepare_run(args)
+    ranks, device = start_ranks(cfg)
+    try:
+        train_ranks(cfg, resumed, args, ranks, device)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device: torch.device) -> None:
     out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    seed_everything(cfg.seed + ranks.rank)  # each rank its own reparameterisation noise
     if cfg.amp and device.type not in ("cpu", "cuda"):
         raise UserError(f"--amp (bfloat16 autocast) runs on the CPU or CUDA, not {device.type}")
     train_set, val_set = make_datasets(cfg, download=args.download)
-    make_output_folder(out)
-    writer = tensorboard_writer(cfg, out)
+    if ranks.main:
+        make_output_folder(out)
+    writer = tensorboard_writer(cfg, out) if ranks.main else None
 
     model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=memory_format(device))
+    if cfg.sync_bn:  # same parameters and state_dict keys: checkpoints load into a plain BetaVAE
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
-    sampler_rng = torch.Generator().manual_seed(cfg.seed)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they share one order
     # what a checkpoint needs beyond weights: progress through the run and within the current epoch
     run = {"epoch": 0, "step": 0, "sums": torch.zeros(3), "seen": 0, "history": [], "best": math.inf,
            "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()}
@@ -997,28 +1134,50 @@ def train(args) -> None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         run = resumed["run"]
-        set_rng_states(resumed["rng"], sampler_rng)
+        rngs = resumed.get("rng_ranks", [resumed["rng"]])
+        if len(rngs) != ranks.world:
+            raise UserError(f"{out} was trained by {len(rngs)} process(es); resume it with as many")
+        set_rng_states(rngs[ranks.rank], sampler_rng)
+        if not ranks.main:  # the checkpoint's partial epoch sums are already the total over the ranks
+            run.update(sums=torch.zeros(3), seen=0)
         if run["epoch"] >= cfg.epochs:
             print(f"{out} has already trained {run['epoch']} epochs; pass a larger --epochs to continue")
             return
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if ranks.main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    # DDP copies rank 0's weights to every rank, then averages the gradients in backward
+    trained = model if ranks.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    trained = torch.compile(trained) if cfg.compile else trained  # shares its parameters with `model`
 
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(path, {
-            "format": "betavae", "version": __version__, "config": asdict(cfg),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "run": run, "rng": rng_states(sampler_rng),
-            # the latest validation KL of every dim: the figures rank the latent dims by it
-            "kl_per_dim": run["history"][-1]["kl_per_dim"] if run["history"] else None})
+    def reduce_progress() -> None:
+        """The epoch's loss sums and image count, totalled over the ranks."""
+        totals = all_sum(torch.cat([run["sums"], torch.tensor([float(run["seen"])])]).to(device)).cpu()
+        run.update(sums=totals[:3], seen=int(totals[3]))
+
+    def checkpoint(*paths: Path) -> None:
+        rngs = all_gather(rng_states(sampler_rng))  # every rank's noise state, for an exact resume
+        for path in paths if ranks.main else ():
+            save_checkpoint(path, {
+                "format": "betavae", "version": __version__, "config": asdict(cfg),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "run": run, "rng": rngs[0],
+                **({"rng_ranks": rngs} if ranks.world > 1 else {}),
+                # the latest validation KL of every dim: the figures rank the latent dims by it
+                "kl_per_dim": run["history"][-1]["kl_per_dim"] if run["history"] else None})
 
     loader, batches, workers = train_loader(train_set, cfg, device)
-    val_loader = DataLoader(val_set, batch_size=256, num_workers=workers, persistent_workers=workers > 0,
+    val_share = val_set if ranks.world == 1 else Subset(val_set, range(ranks.rank, len(val_set), ranks.world))
+    val_loader = DataLoader(val_share, batch_size=256, num_workers=workers, persistent_workers=workers > 0,
                             generator=torch.Generator())  # its own generator too
     val_images = preview_images(val_set, 8).to(device)
     sample_z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"betavae {__version__} | device {device} | {cfg.dataset}: {len(train_set):,} train / "
+    processes = f" | {ranks.world} processes, global batch {cfg.batch_size * ranks.world}" if ranks.world > 1 else ""
+    print(f"betavae {__version__} | device {device}{processes} | {cfg.dataset}: {len(train_set):,} train / "
           f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
+    if not resumed and describe_defaults(cfg, args.given):
+        print(describe_defaults(cfg, args.given))
     print(describe_loss(cfg))
     print(f"seed {cfg.seed} | {workers} loader workers | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
           f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
@@ -1030,9 +1189,10 @@ def train(args) -> None:
             if run["step"]:  # resuming inside this epoch: replay its order from the epoch's start
                 sampler_rng.set_state(run["epoch_sampler"])
             run["epoch_sampler"] = sampler_rng.get_state()
-            epoch_order = epoch_batches(train_set, cfg, sampler_rng)
+            epoch_order = rank_batches(epoch_batches(train_set, cfg, sampler_rng), ranks)
             batches.batches = epoch_order[run["step"]:]
-            images, seconds = train_epoch(model, optimizer, loader, cfg, epoch, beta, capacity, run, stop, device)
+            images, seconds = train_epoch(trained, optimizer, loader, cfg, epoch, beta, capacity, run, stop, device)
+            reduce_progress()
             if stop.requested and run["step"] < len(epoch_order):
                 run["elapsed"] += time.perf_counter() - session_start
                 checkpoint(out / "last.pt")
@@ -1046,16 +1206,18 @@ def train(args) -> None:
             row = {"epoch": epoch, "train_recon": train_recon, "train_kl": train_kl, "train_total": train_total,
                    "val_recon": val["recon"], "val_kl": val["kl"], "val_total": val["total"],
                    "beta_eff": beta, "capacity": capacity, "lr": optimizer.param_groups[0]["lr"],
-                   "active_dims": active_dims(val["kl_per_dim"]), "img_per_s": images / max(seconds, 1e-9),
+                   "active_dims": active_dims(val["kl_per_dim"]),
+                   "img_per_s": images * ranks.world / max(seconds, 1e-9),
                    "elapsed_s": run["elapsed"] + now - session_start, "kl_per_dim": val["kl_per_dim"]}
-            if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            if ranks.main and cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                 row.update(training_metrics(model, cfg, device))
             run["history"].append(row)
             run.update(epoch=epoch, step=0, sums=torch.zeros(3), seen=0)
 
-            save_epoch_images(model, val_images, sample_z, out, epoch, writer)
-            write_history(run["history"], out / "history.csv")
-            plot_loss_curves(run["history"], out / "loss_curves.png")
+            if ranks.main:
+                save_epoch_images(model, val_images, sample_z, out, epoch, writer)
+                write_history(run["history"], out / "history.csv")
+                plot_loss_curves(run["history"], out / "loss_curves.png")
             if writer is not None:
                 log_tensorboard(writer, row)
             # under warm-up or capacity annealing the objective changes each epoch: compare final ones only
@@ -1066,20 +1228,19 @@ def train(args) -> None:
                 is_best = True  # until the schedule settles, the newest model is the best there is
             run["elapsed"] += now - session_start
             session_start = now
-            checkpoint(out / "last.pt")
-            if is_best:
-                checkpoint(out / "best.pt")
+            checkpoint(out / "last.pt", *([out / "best.pt"] if is_best else []))
 
             eta = row["elapsed_s"] / epoch * (cfg.epochs - epoch)
             print(format_epoch(row, cfg, eta), flush=True)
             if "mig" in row:
                 print("  metrics (n 1000): " + ", ".join(f"{m} {row[m]:.3f}" for m in METRIC_NAMES))
             warn_if_stuck(run["history"], cfg)
-            if stop.requested:
+            if any_rank(stop.requested, device):
                 raise UserError(f"interrupted after epoch {epoch}: saved {out / 'last.pt'}; continue with --resume",
                                 code=130)
     if writer is not None:
         writer.close()
+    check_replicas(model, ranks)
     print(f"done: {out / 'best.pt'} (best validation objective), {out / 'last.pt'}, {out / 'history.csv'}")
 
 
@@ -1438,16 +1599,31 @@ def encoder_representation(model: BetaVAE, dataset, device, batch: int = 512):
     return representation
 
 
-def disentanglement_metrics(representation, sizes, n: int, seed: int, points: tuple[int, int]) -> dict:
-    """All six metrics for one representation: MIG, SAP, DCI and modularity on n random factor draws,
-    the beta-VAE and FactorVAE scores on points = (train, eval) batches of 64."""
-    rng = np.random.default_rng(seed)
-    factors = sample_factors(sizes, n, rng)
-    codes = representation(factors)
-    results = {"mig": mig(codes, factors), "sap": sap(codes, factors, seed), "modularity": modularity(codes, factors)}
-    results.update({f"dci_{k}": v for k, v in dci(codes, factors, seed).items()})
-    results["beta_vae_score"] = beta_vae_score(representation, sizes, rng, *points, seed=seed)
-    results["factor_vae_score"] = factor_vae_score(representation, sizes, rng, *points, n_variance=n)
+METRIC_GROUPS = ("mig", "sap", "modularity", "dci", "beta_vae", "factor_vae")  # --metrics choices
+
+
+def disentanglement_metrics(representation, sizes, n: int, seed: int, points: tuple[int, int],
+                            groups=METRIC_GROUPS) -> dict:
+    """The metrics in `groups` for one representation: MIG, SAP, DCI and modularity on n random factor
+    draws, the beta-VAE and FactorVAE scores on points = (train, eval) batches of 64. Each sampled part
+    has its own generator, so a metric scores the same alone or among the others."""
+    results = {}
+    if {"mig", "sap", "modularity", "dci"} & set(groups):
+        factors = sample_factors(sizes, n, np.random.default_rng([seed, 0]))
+        codes = representation(factors)
+        for name, metric in (("mig", mig), ("modularity", modularity)):
+            if name in groups:
+                results[name] = metric(codes, factors)
+        if "sap" in groups:
+            results["sap"] = sap(codes, factors, seed)
+        if "dci" in groups:
+            results.update({f"dci_{k}": v for k, v in dci(codes, factors, seed).items()})
+    if "beta_vae" in groups:
+        results["beta_vae_score"] = beta_vae_score(representation, sizes, np.random.default_rng([seed, 1]),
+                                                   *points, seed=seed)
+    if "factor_vae" in groups:
+        results["factor_vae_score"] = factor_vae_score(representation, sizes, np.random.default_rng([seed, 2]),
+                                                       *points, n_variance=n)
     return results
 
 
@@ -1465,7 +1641,8 @@ def evaluate(args) -> None:
     dataset = full_dataset(cfg)
     if hasattr(dataset, "render"):
         representation = encoder_representation(model, dataset, device)
-        results.update(disentanglement_metrics(representation, dataset.factor_sizes, args.n, args.seed, args.points))
+        results.update(disentanglement_metrics(representation, dataset.factor_sizes, args.n, args.seed,
+                                               args.points, args.metrics))
     else:
         print(f"note: {cfg.dataset} has no ground-truth factors: MIG, SAP, DCI, modularity, beta-VAE and "
               f"FactorVAE scores need them")
@@ -1501,14 +1678,13 @@ def matmul_peak(device, n: int = 2048) -> float:
     return 2 * n ** 3 / time_calls(product, 5) / 1e9
 
 
-BENCH_FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels", "amp", "device"]
+BENCH_FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "workers", "channels", "amp", "compile", "device"]
 
 
 def bench(args) -> None:
     """Images per second on this device: the data loader alone, the full training step (data included),
     the bare model step on data already in memory, the encoder and the decoder; medians of --repeats."""
-    cfg = Config(**{name: getattr(args, name) for name in BENCH_FLAGS})
-    check_config(cfg)
+    cfg = config_from_args(args)
     device = pick_device(cfg.device)
     train_set, _ = make_datasets(cfg)
     loader, batches, workers = train_loader(train_set, cfg, device)
@@ -1530,12 +1706,23 @@ def bench(args) -> None:
     x = x.to(device).contiguous(memory_format=fmt)
     beta, capacity = schedule(cfg, cfg.epochs)
 
+    trained = torch.compile(model) if cfg.compile else model
+
     def step(batch):
-        train_step(model, optimizer, batch, cfg, beta, capacity)
+        train_step(trained, optimizer, batch, cfg, beta, capacity)
 
     def model_steps():
         for _ in range(steps):
             step(x)
+        sync()
+
+    # the yardstick: the same model, loss and optimiser in a plain loop (NCHW, float32, eager)
+    plain, plain_cfg, x_plain = BetaVAE(cfg.latent_dim, cfg.channels).to(device), replace(cfg, amp=False), x.contiguous()
+    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=cfg.lr)
+
+    def plain_steps():
+        for _ in range(steps):
+            train_step(plain, plain_optimizer, x_plain, plain_cfg, beta, capacity)
         sync()
 
     big = x.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256]
@@ -1550,29 +1737,167 @@ def bench(args) -> None:
     per_call = steps * cfg.batch_size
     seconds = {"data loader": time_calls(data, args.repeats),
                "train step, data included": time_calls(lambda: data(step), args.repeats),
-               "train step, data in memory": time_calls(model_steps, args.repeats)}
+               "train step, data in memory": time_calls(model_steps, args.repeats),
+               "plain loop, data in memory": time_calls(plain_steps, args.repeats)}
     model.eval()
     seconds["encoder (eval, batch 256)"] = time_calls(lambda: encode_decode("encoder"), args.repeats)
     seconds["decoder (eval, batch 256)"] = time_calls(lambda: encode_decode("decoder"), args.repeats)
     rates = {name: (256 * steps if "256" in name else per_call) / s for name, s in seconds.items()}
     model.train()
-    step_flops = training_flops(lambda: step(x))
+    step_flops = training_flops(lambda: train_step(model, optimizer, x, cfg, beta, capacity))  # eager: countable
     achieved = step_flops * steps / seconds["train step, data in memory"] / 1e9
     peak = matmul_peak(device)
-    print(f"betavae {__version__} bench | {device} | {cfg.dataset}, batch {cfg.batch_size}, {workers} loader workers, "
+    options = "".join(f", --{name}" for name in ("amp", "compile") if getattr(cfg, name))
+    print(f"betavae {__version__} bench | {device} | {cfg.dataset}, batch {cfg.batch_size}{options}, {workers} loader workers, "
           f"{torch.get_num_threads()} threads | median of {args.repeats} x {steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")
     print(f"{'loader / full step':>28}  {rates['data loader'] / rates['train step, data included']:10.1f} x")
     print(f"{'full step / model step':>28}  {rates['train step, data included'] / rates['train step, data in memory']:10.0%}")
+    print(f"{'full step / plain loop':>28}  {rates['train step, data included'] / rates['plain loop, data in memory']:10.2f} x")
     print(f"{'model step':>28}  {achieved:10.1f} GFLOP/s ({step_flops / cfg.batch_size / 1e9:.2f} GFLOP per image), "
           f"{achieved / peak:.0%} of this device's fp32 matmul peak ({peak:.0f} GFLOP/s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "dataset": cfg.dataset, "workers": workers,
-                                               "batch_size": cfg.batch_size, "amp": cfg.amp, "img_per_s": rates,
+                                               "batch_size": cfg.batch_size, "amp": cfg.amp, "compile": cfg.compile, "img_per_s": rates,
                                                "gflop_per_s": achieved, "matmul_peak_gflop_per_s": peak},
                                               indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Study: how fast does each setting disentangle? Every variant is a list of `train` flags on top of the
+# tutorial's settings. A run trains in stages through the CLI (resume is exact, so the stages add up to
+# one run) and `evaluate` scores each stage; a rerun skips the stages already scored.
+
+STUDY_BASE = "--latent-dim 128 --recon mse --lr 1e-4 --batch-size 32"  # the tutorial's settings
+STUDY_VARIANTS = {
+    "tutorial": "",
+    "lr5e-4": "--lr 5e-4",
+    "lr1e-3": "--lr 1e-3",
+    "batch64": "--batch-size 64",
+    "batch128": "--batch-size 128",
+    "latent10": "--latent-dim 10",
+    "bce": "--recon bce",
+    "warmup": "--kl-warmup 3",
+    "capacity": "--capacity 25 --capacity-epochs 5",
+    "amp": "--amp",
+    "10d-lr1e-3-b64": "--latent-dim 10 --lr 1e-3 --batch-size 64",
+    "10d-bce-lr1e-3-b64": "--latent-dim 10 --recon bce --lr 1e-3 --batch-size 64",
+}
+STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
+                "val_recon", "val_kl", "active_dims"]
+
+
+def run_cli(argv: list[str], log: Path, threads: int) -> None:
+    """Run `python betavae.py ARGV` with `threads` CPU threads (passive OpenMP waiting: runs side by side
+    share the cores), appending its output to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log, "a") as f:
+        f.write("$ betavae.py " + " ".join(argv) + "\n")
+        f.flush()
+        done = subprocess.run([sys.executable, __file__, *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise UserError(f"betavae.py {argv[0]} failed (exit {done.returncode}); see {log}")
+
+
+def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
+    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage; its rows."""
+    out = Path(args.out) / f"{variant}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    flags = shlex.split(STUDY_BASE) + shlex.split(STUDY_VARIANTS[variant]) + shlex.split(args.common)
+    stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
+    for epoch in stages:
+        scores = out / f"metrics_e{epoch:03d}.json"
+        if scores.exists():
+            continue
+        resume = ["--resume"] if (out / "last.pt").exists() else []
+        run_cli(["train", *flags, "--seed", str(seed), "--epochs", str(epoch), "--device", args.device,
+                 "--out", str(out), *resume], out / "log.txt", threads)
+        run_cli(["evaluate", "--checkpoint", str(out / "last.pt"), "--metrics", "mig,factor_vae",
+                 "--n", str(args.n), "--points", *map(str, args.points), "--device", args.device,
+                 "--out", str(scores)], out / "log.txt", threads)
+    history = {row["epoch"]: row for row in read_history(out / "history.csv")}
+    epoch_size = json.loads((out / "config.json").read_text())["epoch_size"]
+    rows = []
+    for epoch in stages:
+        scores, row = json.loads((out / f"metrics_e{epoch:03d}.json").read_text()), history[epoch]
+        rows.append({"variant": variant, "seed": seed, "epoch": epoch, "images": epoch * epoch_size,
+                     "minutes": row["elapsed_s"] / 60, "threads": threads, "mig": scores["mig"],
+                     "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
+                     "val_kl": row["val_kl"], "active_dims": row["active_dims"]})
+    return rows
+
+
+def study_summary(rows: list[dict]) -> list[dict]:
+    """Per variant, at its last stage: medians over the seeds, and the spread of MIG."""
+    summary = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        last = max(r["epoch"] for r in rows if r["variant"] == variant)
+        final = [r for r in rows if r["variant"] == variant and r["epoch"] == last]
+        migs = [r["mig"] for r in final]
+        summary.append({"variant": variant, "seeds": len(final), "images": final[0]["images"],
+                        "minutes": float(np.median([r["minutes"] for r in final])),
+                        "mig": float(np.median(migs)), "mig_min": min(migs), "mig_max": max(migs),
+                        "factor_vae_score": float(np.median([r["factor_vae_score"] for r in final])),
+                        "flags": STUDY_VARIANTS[variant] or "(the tutorial's)"})
+    return summary
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    """MIG against images seen and against minutes, FactorVAE against minutes: one colour per variant,
+    a line per seed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colours = plt.get_cmap("tab20").colors
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        seeds = sorted({r["seed"] for r in rows if r["variant"] == variant})
+        for j, seed in enumerate(seeds):
+            run = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
+            label = variant if j == 0 else None
+            for ax, (x, y) in zip(axes, [("images", "mig"), ("minutes", "mig"), ("minutes", "factor_vae_score")]):
+                ax.plot([r[x] for r in run], [r[y] for r in run], "o-", color=colours[i % 20], label=label,
+                        markersize=3, alpha=0.8)
+    for ax, (x, y) in zip(axes, [("images seen", "MIG"), ("training minutes", "MIG"),
+                                 ("training minutes", "FactorVAE score")]):
+        ax.set(xlabel=x, ylabel=y, ylim=(0, 1 if y != "MIG" else None))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def study(args) -> None:
+    """Time to disentangle: MIG and FactorVAE score against images seen and minutes, per variant and seed.
+    Writes study.csv, study.png and a summary table in --out."""
+    unknown = [v for v in args.variants if v not in STUDY_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant {unknown[0]}; choose from {', '.join(STUDY_VARIANTS)}")
+    if args.jobs < 1 or args.epochs < 1 or args.eval_epochs < 1:
+        raise UserError("--jobs, --epochs and --eval-epochs must be >= 1")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    out = Path(args.out)
+    make_output_folder(out)
+    runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    print(f"study: {len(runs)} runs of {args.epochs} epochs, {args.jobs} at a time with {threads} threads each, "
+          f"scored every {args.eval_epochs} epochs (MIG on n {args.n}, FactorVAE on {args.points[0]}/{args.points[1]} "
+          f"points) | writing {out}")
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: the work runs in the subprocesses
+        results = list(pool.map(lambda run: study_run(args, *run, threads), runs))
+    rows = [row for result in results for row in result]
+    with open(out / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, STUDY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    plot_study(rows, out / "study.png")
+    summary = study_summary(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{'variant':<20} {'seeds':>5} {'images':>8} {'minutes':>7}   {'MIG (min-max)':<21} {'FactorVAE':>9}")
+    for s in summary:
+        print(f"{s['variant']:<20} {s['seeds']:>5} {s['images']:>8,} {s['minutes']:>7.1f}   "
+              f"{s['mig']:.3f} ({s['mig_min']:.3f}-{s['mig_max']:.3f})   {s['factor_vae_score']:>9.3f}")
+    print(f"wrote {out / 'study.csv'}, {out / 'study.png'}, {out / 'summary.json'}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1587,9 +1912,22 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]]
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            shown = f" (default: {f.default})" if f.default not in (None, "") else ""
+            per_dataset = {}  # value -> datasets whose defaults differ from the field's
+            for dataset, (defaults, _) in DATASET_DEFAULTS.items():
+                if f.name in defaults:
+                    per_dataset.setdefault(defaults[f.name], []).append(dataset)
+            others = "".join(f"; {', '.join(names)}: {value}" for value, names in per_dataset.items())
+            shown = f" (default: {f.default}{others})" if f.default not in (None, "") else ""
             parser.add_argument(flag, type=f.metadata.get("type", type(f.default)), default=f.default,
                                 choices=f.metadata.get("choices"), help=f.metadata["help"] + shown)
+
+
+def metric_groups(text: str) -> tuple[str, ...]:
+    """--metrics mig,factor_vae -> ("mig", "factor_vae"), in METRIC_GROUPS order."""
+    chosen = set(text.split(","))
+    if not chosen <= set(METRIC_GROUPS):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(METRIC_GROUPS)}")
+    return tuple(g for g in METRIC_GROUPS if g in chosen)
 
 
 def build_parser() -> Parser:
@@ -1649,6 +1987,8 @@ def build_parser() -> Parser:
     p.add_argument("--points", type=int, nargs=2, default=[10_000, 5_000], metavar=("TRAIN", "EVAL"),
                    help="beta-VAE and FactorVAE training and evaluation points (default: 10000 5000)")
     p.add_argument("--seed", type=int, default=0, help="results repeat exactly with the same seed (default: 0)")
+    p.add_argument("--metrics", type=metric_groups, default=METRIC_GROUPS, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METRIC_GROUPS)} (default: all; dci is the slow one)")
     p.set_defaults(func=evaluate)
 
     p = commands.add_parser("bench", help="throughput of the loader, training step, encoder and decoder",
@@ -1658,6 +1998,23 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=bench)
+
+    p = commands.add_parser("study", help="time to disentangle: metrics against minutes for many settings",
+                            description=study.__doc__)
+    p.add_argument("--variants", type=lambda text: text.split(","), default=list(STUDY_VARIANTS), metavar="LIST",
+                   help=f"comma-separated, from {','.join(STUDY_VARIANTS)} (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per variant (default: 0)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    p.add_argument("--eval-epochs", type=int, default=2, help="score every this many epochs (default: 2)")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                   help="runs side by side, sharing the CPU cores (default: half the cores)")
+    p.add_argument("--n", type=int, default=5000, help="factor draws for MIG (default: 5000)")
+    p.add_argument("--points", type=int, nargs=2, default=[200, 100], metavar=("TRAIN", "EVAL"),
+                   help="FactorVAE training and evaluation points (default: 200 100)")
+    p.add_argument("--common", default="", help='train flags added to every variant, e.g. "--epoch-size 10000"')
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    p.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
+    p.set_defaults(func=study)
 
     p = commands.add_parser("plot", help="charts of a run's history.csv", description=plot.__doc__)
     p.add_argument("--run", help="run folder (default: the newest runs/* with a best.pt)")

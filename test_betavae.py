@@ -841,6 +841,28 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path):
     assert "mig" in first.stdout and str(tmp_path / "a.json") in first.stdout
 
 
+def test_a_metric_scores_the_same_alone_or_among_the_others():
+    sizes = (3, 6, 10, 8, 8)
+    rep = lambda f: f + np.sin(7.0 * np.arange(f.size).reshape(f.shape))  # deterministic "noise"
+    every = bv.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15))
+    assert set(every) == set(bv.METRIC_NAMES)
+    for group, key in [("mig", "mig"), ("factor_vae", "factor_vae_score"), ("beta_vae", "beta_vae_score")]:
+        assert bv.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15), groups=(group,)) == \
+            {key: every[key]}
+    assert bv.metric_groups("factor_vae,mig") == ("mig", "factor_vae")
+
+
+def test_evaluate_computes_only_the_metrics_asked_for(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_cli("evaluate", "--checkpoint", out / "best.pt", "--n", "100", "--points", "10", "5",
+                     "--metrics", "mig,factor_vae", "--out", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "m.json").read_text())
+    assert "mig" in scores and "factor_vae_score" in scores and "sap" not in scores and "dci_completeness" not in scores
+    bad = run_cli("evaluate", "--checkpoint", out / "best.pt", "--metrics", "mig,gap")
+    assert bad.returncode == 2 and "choose from mig,sap" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_eval_every_adds_the_metrics_to_history_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(bv, "EVAL_EVERY_SAMPLE", {"n": 100, "points": (10, 5)})  # tiny, for speed
     assert train_in_process(tmp_path / "run", "--epochs", "2", "--eval-every", "2") == 0
@@ -995,11 +1017,11 @@ def test_bench_reports_every_rate(tmp_path):
         assert result.returncode == 0, result.stderr
         rates = json.loads((tmp_path / "bench.json").read_text())["img_per_s"]
         assert set(rates) == {"data loader", "train step, data included", "train step, data in memory",
-                              "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
+                              "plain loop, data in memory", "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
         assert all(rate > 0 for rate in rates.values())
         numbers = json.loads((tmp_path / "bench.json").read_text())
         assert numbers["gflop_per_s"] > 0 and numbers["matmul_peak_gflop_per_s"] > 0
-        assert "loader / full step" in result.stdout
+        assert "loader / full step" in result.stdout and "full step / plain loop" in result.stdout
 
 
 def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
@@ -1011,18 +1033,140 @@ def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
     assert header and "latency, batch 1" in result.stdout and "throughput, batch 64" in result.stdout
 
 
-def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
+def one_step(amp=False, compile=False, channels_last=False):
+    """(recon, KL, gradient) of one training step of a fixed model on fixed images with fixed noise."""
     x = bv.render_shapes(bv.Shapes().factors(torch.arange(8) * 91_111))
-    results = []
-    for amp in (False, True):
-        torch.manual_seed(0)
-        model = bv.BetaVAE(latent_dim=4)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        torch.manual_seed(1)  # the same reparameterisation noise in both steps
-        parts = bv.train_step(model, optimizer, x, bv.Config(latent_dim=4, amp=amp), 4.0, None)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        results.append((parts["recon"].item(), parts["kl"].item(), grads))
-    (recon32, kl32, g32), (recon16, kl16, g16) = results
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = bv.BetaVAE(latent_dim=4).to(memory_format=fmt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    torch.manual_seed(1)  # the same reparameterisation noise in every step
+    parts = bv.train_step(torch.compile(model) if compile else model, optimizer, x.contiguous(memory_format=fmt),
+                          bv.Config(latent_dim=4, amp=amp), 4.0, None)
+    return parts["recon"].item(), parts["kl"].item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_channels_last_and_compile_change_a_step_by_float_noise_only(monkeypatch):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the eager noise, for comparison
+    recon, kl, grads = one_step()
+    for options in ({"channels_last": True}, {"compile": True, "channels_last": True}):
+        recon2, kl2, grads2 = one_step(**options)
+        assert recon2 == pytest.approx(recon, rel=1e-5) and kl2 == pytest.approx(kl, rel=1e-4, abs=1e-6)
+        assert torch.allclose(grads2, grads, rtol=1e-3, atol=1e-3 * grads.abs().max().item()), options
+
+
+def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
+    (recon32, kl32, g32), (recon16, kl16, g16) = one_step(), one_step(amp=True)
     assert recon16 == pytest.approx(recon32, rel=1e-2) and kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-3)
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99  # the same descent direction
-    assert train_in_process(tmp_path / "amp", "--epochs", "1", "--amp") == 0
+    assert train_in_process(tmp_path / "fast", "--epochs", "1", "--amp", "--compile") == 0  # the flags train
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time to disentangle: per-dataset defaults and the study that chose them
+
+@pytest.mark.parametrize("dataset", bv.DATASET_DEFAULTS)
+def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
+    defaults, why = bv.DATASET_DEFAULTS[dataset]
+    assert why and set(defaults) <= {f.name for f in bv.fields(bv.Config)}
+
+    def parse(*flags):
+        argv = ["train", "--dataset", dataset, *flags]
+        args = bv.build_parser().parse_args(argv)
+        args.given = bv.given_flags(argv)
+        return bv.config_from_args(args)
+
+    cfg = parse()
+    for name, value in defaults.items():
+        assert getattr(cfg, name) == value
+    untouched = {f.name for f in bv.fields(bv.Config)} - set(defaults) - {"dataset"}
+    assert all(getattr(cfg, name) == getattr(bv.Config(), name) for name in untouched)
+    note = bv.describe_defaults(cfg, {"dataset"})
+    if defaults:
+        assert note.startswith(f"{dataset} defaults: ") and why in note
+        changed = [name for name, value in defaults.items() if value != getattr(bv.Config(), name)]
+        assert changed and all(f"--{name.replace('_', '-')} " in note for name in changed)
+        # every flag still overrides, and a typed flag is not reported as a default
+        overridden = parse("--latent-dim", "7", "--lr", "0.02", "--recon", "bce", "--batch-size", "3")
+        assert (overridden.latent_dim, overridden.lr, overridden.recon, overridden.batch_size) == (7, 0.02, "bce", 3)
+        assert bv.describe_defaults(overridden, {"dataset", "latent_dim", "lr", "recon", "batch_size"}) is None
+    else:
+        assert note is None and why == bv.TUTORIAL
+    # the sprites' defaults are the ones the README's study table recommends
+    if dataset in ("shapes", "dsprites"):
+        assert defaults == bv.SPRITES
+
+
+def test_train_prints_the_defaults_it_used(tiny_run):
+    _, result = tiny_run
+    line = next(line for line in result.stdout.splitlines() if line.startswith("shapes defaults:"))
+    assert "--latent-dim" not in line  # TINY sets it on the command line
+    assert "the tutorial's:" in line and bv.SPRITES_WHY in line
+    config = json.loads((tiny_run[0] / "config.json").read_text())
+    assert config["lr"] == bv.SPRITES["lr"] and config["latent_dim"] == 4
+
+
+def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
+    args = ["study", "--variants", "tutorial,latent10", "--epochs", "2", "--eval-epochs", "1", "--jobs", "2",
+            "--n", "100", "--points", "10", "5", "--common", "--epoch-size 64 --val-size 16 --batch-size 32",
+            "--device", "cpu", "--out", tmp_path / "study"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "study/study.csv")))
+    assert [(r["variant"], r["epoch"], r["images"]) for r in rows] == [
+        ("tutorial", "1", "64"), ("tutorial", "2", "128"), ("latent10", "1", "64"), ("latent10", "2", "128")]
+    assert all(0 <= float(r["mig"]) <= 1 and 0 <= float(r["factor_vae_score"]) <= 1 for r in rows)
+    assert float(rows[1]["minutes"]) > float(rows[0]["minutes"]) > 0
+    assert json.loads((tmp_path / "study/latent10-seed0/config.json").read_text())["latent_dim"] == 10
+    assert png(tmp_path / "study/study.png").size[0] > 0
+    summary = json.loads((tmp_path / "study/summary.json").read_text())
+    assert [s["variant"] for s in summary] == ["tutorial", "latent10"] and "tutorial" in result.stdout
+    # a rerun scores nothing again: every stage is on disk
+    log = (tmp_path / "study/tutorial-seed0/log.txt").read_text()
+    assert log.count("$ betavae.py train") == 2 and log.count("--resume") == 1
+    again = run_cli(*args)
+    assert again.returncode == 0 and (tmp_path / "study/tutorial-seed0/log.txt").read_text() == log
+    bad = run_cli("study", "--variants", "tutorial,fastest", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "unknown variant fastest" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes: torchrun with gloo on the CPU
+
+def torchrun(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "betavae.py"), "train", *TINY, "--epoch-size", "64", "--device", "cpu",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_rank_batches_deal_equal_shares():
+    batches = [[i] for i in range(7)]
+    shares = [bv.rank_batches(batches, bv.Ranks(rank, 3)) for rank in range(3)]
+    assert shares == [[[0], [3]], [[1], [4]], [[2], [5]]]  # 7 // 3 * 3 = 6 batches used, none twice
+    with pytest.raises(bv.UserError, match="cannot feed 3 processes"):
+        bv.rank_batches(batches[:2], bv.Ranks(0, 3))
+
+
+def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
+    first = torchrun("--epochs", "2", "--out", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    assert "2 processes, global batch 32" in first.stdout
+    assert first.stdout.count("done:") == 1 and first.stdout.count("epoch   2/2") == 1  # rank 0 alone prints
+    assert "weights identical on all 2 processes" in first.stdout
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.pt")) == ["best.pt", "last.pt"]
+    assert len(list(csv.DictReader(open(tmp_path / "a/history.csv")))) == 2
+    state = torch.load(tmp_path / "a/last.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and state["run"]["step"] == 0
+    # resuming the 2-process run equals training it without a break
+    resumed = torchrun("--epochs", "3", "--out", tmp_path / "a", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = torchrun("--epochs", "3", "--out", tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr
+    assert_same_weights(weights(tmp_path / "a/last.pt"), weights(tmp_path / "b/last.pt"))
+    # a different process count cannot continue it, and --sync-bn needs CUDA
+    alone = run_cli("train", *TINY, "--epoch-size", "64", "--epochs", "4", "--out", tmp_path / "a", "--resume")
+    assert alone.returncode == 2 and "trained by 2 process(es)" in alone.stderr
+    sync = run_cli("train", *TINY, "--sync-bn", "--device", "cpu", "--out", tmp_path / "c")
+    assert sync.returncode == 2 and "--sync-bn needs torchrun with CUDA" in sync.stderr
