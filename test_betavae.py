@@ -1041,7 +1041,7 @@ def one_step(amp=False, compile=False, channels_last=False):
     model = bv.BetaVAE(latent_dim=4).to(memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     torch.manual_seed(1)  # the same reparameterisation noise in every step
-    parts = bv.train_step(torch.compile(model) if compile else model, optimizer, x.contiguous(memory_format=fmt),
+    parts = bv.train_step(bv.compiled(model) if compile else model, optimizer, x.contiguous(memory_format=fmt),
                           bv.Config(latent_dim=4, amp=amp), 4.0, None)
     return parts["recon"].item(), parts["kl"].item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -1060,7 +1060,8 @@ def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
     (recon32, kl32, g32), (recon16, kl16, g16) = one_step(), one_step(amp=True)
     assert recon16 == pytest.approx(recon32, rel=1e-2) and kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-3)
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99  # the same descent direction
-    assert train_in_process(tmp_path / "fast", "--epochs", "1", "--amp", "--compile") == 0  # the flags train
+    # the flags train, through an epoch whose last batch is smaller (40 = 16 + 16 + 8)
+    assert train_in_process(tmp_path / "fast", "--epochs", "1", "--epoch-size", "40", "--amp", "--compile") == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1088,9 +1089,11 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
         changed = [name for name, value in defaults.items() if value != getattr(bv.Config(), name)]
         assert changed and all(f"--{name.replace('_', '-')} " in note for name in changed)
         # every flag still overrides, and a typed flag is not reported as a default
-        overridden = parse("--latent-dim", "7", "--lr", "0.02", "--recon", "bce", "--batch-size", "3")
-        assert (overridden.latent_dim, overridden.lr, overridden.recon, overridden.batch_size) == (7, 0.02, "bce", 3)
-        assert bv.describe_defaults(overridden, {"dataset", "latent_dim", "lr", "recon", "batch_size"}) is None
+        other = {name: {"mse": "bce", "bce": "mse"}.get(value, value * 2 if isinstance(value, float) else value + 3)
+                 for name, value in defaults.items()}
+        overridden = parse(*[a for name, value in other.items() for a in (f"--{name.replace('_', '-')}", str(value))])
+        assert all(getattr(overridden, name) == value for name, value in other.items())
+        assert bv.describe_defaults(overridden, {"dataset", *other}) is None
     else:
         assert note is None and why == bv.TUTORIAL
     # the sprites' defaults are the ones the README's study table recommends
@@ -1098,13 +1101,14 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
         assert defaults == bv.SPRITES
 
 
-def test_train_prints_the_defaults_it_used(tiny_run):
-    _, result = tiny_run
-    line = next(line for line in result.stdout.splitlines() if line.startswith("shapes defaults:"))
-    assert "--latent-dim" not in line  # TINY sets it on the command line
-    assert "the tutorial's:" in line and bv.SPRITES_WHY in line
-    config = json.loads((tiny_run[0] / "config.json").read_text())
-    assert config["lr"] == bv.SPRITES["lr"] and config["latent_dim"] == 4
+def test_train_prints_the_defaults_it_used(tmp_path, capsys):
+    bv.main(["train", "--epoch-size", "16", "--batch-size", "16", "--val-size", "16", "--epochs", "1",
+             "--device", "cpu", "--out", str(tmp_path / "run")])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shapes defaults:"))
+    assert "--latent-dim 10 (the tutorial's: 128)" in line and "--epochs" not in line  # typed, so not a default
+    assert bv.SPRITES_WHY in line
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["latent_dim"] == 10 and config["epochs"] == 1
 
 
 def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
