@@ -33,12 +33,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
-from torchvision.utils import save_image
+# OpenMP's default busy-waiting made 2-thread torch 3-5x slower whenever other processes shared the cores
+# (README, Speed); passive waiting costs little on an idle machine. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
 
 # torch-free helpers shared with infer_onnx.py, so that both tools draw the same pictures
 from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_codes, interpolation_figure, labelled,

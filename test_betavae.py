@@ -1174,3 +1174,12 @@ def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
     assert alone.returncode == 2 and "trained by 2 process(es)" in alone.stderr
     sync = run_cli("train", *TINY, "--sync-bn", "--device", "cpu", "--out", tmp_path / "c")
     assert sync.returncode == 2 and "--sync-bn needs torchrun with CUDA" in sync.stderr
+
+
+def test_openmp_waits_passively_unless_the_user_says_otherwise():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = "import os, betavae; print(os.environ['OMP_WAIT_POLICY'])"
+    for extra, expected in [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")]:
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE,
+                                env={**env, **extra}, timeout=120)
+        assert result.stdout.strip() == expected, result.stderr
