@@ -1067,6 +1067,11 @@ def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Time to disentangle: per-dataset defaults and the study that chose them
 
+def test_every_dataset_has_a_row_in_the_defaults_table():
+    choices = next(f for f in bv.fields(bv.Config) if f.name == "dataset").metadata["choices"]
+    assert set(bv.DATASET_DEFAULTS) == set(choices)
+
+
 @pytest.mark.parametrize("dataset", bv.DATASET_DEFAULTS)
 def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
     defaults, why = bv.DATASET_DEFAULTS[dataset]
