@@ -137,13 +137,14 @@ def config_from_args(args) -> Config:
 def describe_defaults(cfg: Config, given: set[str]) -> Optional[str]:
     """One line naming the dataset defaults a run uses instead of the tutorial's, and why (None if none)."""
     defaults, why = DATASET_DEFAULTS[cfg.dataset]
-    used = [name for name in defaults if name not in given and getattr(cfg, name) != getattr(Config(), name)]
+    tutorial = Config()
+    used = [name for name in defaults if name not in given and getattr(cfg, name) != getattr(tutorial, name)]
     if not used:
         return None
     show = lambda value: f"{value:g}" if isinstance(value, float) else str(value)
     ours = ", ".join(f"--{name.replace('_', '-')} {show(getattr(cfg, name))}" for name in used)
-    tutorial = ", ".join(show(getattr(Config(), name)) for name in used)
-    return f"{cfg.dataset} defaults: {ours} (the tutorial's: {tutorial}); {why}"
+    theirs = ", ".join(show(getattr(tutorial, name)) for name in used)
+    return f"{cfg.dataset} defaults: {ours} (the tutorial's: {theirs}); {why}"
 
 
 # Flags that may change when a run is resumed; every other one must match the stored run.
@@ -1128,9 +1129,13 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
     seed_everything(cfg.seed + ranks.rank)  # each rank its own reparameterisation noise
     if cfg.amp and device.type not in ("cpu", "cuda"):
         raise UserError(f"--amp (bfloat16 autocast) runs on the CPU or CUDA, not {device.type}")
+    if not ranks.main:
+        torch.distributed.barrier()  # wait while rank 0 alone fetches --download files
     train_set, val_set = make_datasets(cfg, download=args.download)
     if ranks.main:
         make_output_folder(out)
+        if ranks.world > 1:
+            torch.distributed.barrier()
     writer = tensorboard_writer(cfg, out) if ranks.main else None
 
     model = BetaVAE(cfg.latent_dim, cfg.channels).to(device, memory_format=memory_format(device))
@@ -1189,8 +1194,9 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
     processes = f" | {ranks.world} processes, global batch {cfg.batch_size * ranks.world}" if ranks.world > 1 else ""
     print(f"betavae {__version__} | device {device}{processes} | {cfg.dataset}: {len(train_set):,} train / "
           f"{len(val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
-    if not resumed and describe_defaults(cfg, args.given):
-        print(describe_defaults(cfg, args.given))
+    defaults_used = None if resumed else describe_defaults(cfg, args.given)
+    if defaults_used:
+        print(defaults_used)
     print(describe_loss(cfg))
     print(f"seed {cfg.seed} | {workers} loader workers | {cfg.epochs} epochs of {cfg.epoch_size or len(train_set):,} images, batch "
           f"{cfg.batch_size}, lr {cfg.lr:g} | writing {out}" + (" (resumed)" if resumed else ""))
