@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -804,6 +805,16 @@ def any_rank(flag: bool, device) -> bool:
     return all_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics on every rank (DDP copies them only at the next forward)."""
+    if torch.distributed.is_initialized():
+        buffers = list(model.buffers())
+        flat = torch.cat([b.flatten().double() for b in buffers])  # one message; counts are exact in float64
+        torch.distributed.broadcast(flat, 0)
+        for buffer, values in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(values.view_as(buffer))
+
+
 def rank_batches(batches: list, ranks: Ranks) -> list:
     """This rank's share of the epoch's batches, dealt round-robin; every rank gets the same number, as
     DDP needs (at most world - 1 batches of the epoch go unused)."""
@@ -854,6 +865,7 @@ def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
     """The epoch's training objective on validation data (eval mode, fixed noise), plus per-dim KL."""
     was_training = model.training
     model.eval()
+    broadcast_buffers(model)  # every rank validates the model the checkpoint stores: rank 0's
     generator = torch.Generator(device).manual_seed(0)  # same noise every epoch: losses compare
     sums = torch.zeros(4 + cfg.latent_dim, device=device)  # recon, KL, total, per-dim KL, images
     for x in loader:
@@ -1119,6 +1131,7 @@ def train(args) -> None:
         train_ranks(cfg, resumed, args, ranks, device)
     finally:
         if torch.distributed.is_initialized():
+            gc.collect()  # free the DDP wrapper (held in reference cycles) while its process group lives
             torch.distributed.destroy_process_group()
 
 
