@@ -1816,6 +1816,8 @@ STUDY_VARIANTS = {
     "amp": "--amp",
     "10d-lr1e-3-b64": "--latent-dim 10 --lr 1e-3 --batch-size 64",
     "10d-bce-lr1e-3-b64": "--latent-dim 10 --recon bce --lr 1e-3 --batch-size 64",
+    "10d-beta8": "--latent-dim 10 --beta 8",
+    "10d-beta16": "--latent-dim 10 --beta 16",
 }
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "val_recon", "val_kl", "active_dims"]
