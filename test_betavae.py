@@ -1170,10 +1170,10 @@ def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
     assert len(state["rng_ranks"]) == 2 and state["run"]["step"] == 0
     # the validation KL (noise-free) was summed over both ranks' shares, with rank 0's BatchNorm statistics
     model, cfg = bv.load_checkpoint(tmp_path / "a/last.pt")
-    alone = bv.checkpoint_validation(model, cfg, torch.device("cpu"))
+    one_process = bv.checkpoint_validation(model, cfg, torch.device("cpu"))
     logged = state["run"]["history"][-1]
-    assert logged["val_kl"] == pytest.approx(alone["kl"], rel=1e-5)
-    assert logged["kl_per_dim"] == pytest.approx(alone["kl_per_dim"], rel=1e-5, abs=1e-7)
+    assert logged["val_kl"] == pytest.approx(one_process["kl"], rel=1e-5)
+    assert logged["kl_per_dim"] == pytest.approx(one_process["kl_per_dim"], rel=1e-5, abs=1e-7)
     # resuming the 2-process run equals training it without a break
     resumed = torchrun("--epochs", "3", "--out", tmp_path / "a", "--resume")
     assert resumed.returncode == 0, resumed.stderr
