@@ -64,9 +64,11 @@ def parity(path: Path, module: torch.nn.Module, make_input) -> float:
     return worst
 
 
-def export(module, example, make_input, path: Path, input_name, output_names, props, opset) -> None:
-    """Export, attach metadata, check the graph and the numbers; a failed parity removes the file."""
-    export_module(module, example, path, input_name, output_names, opset)
+def export(module, make_input, path: Path, *, input_name: str, output_names: list[str], props: dict[str, str],
+           opset: int) -> None:
+    """Export (traced on make_input(2)), attach metadata, check the graph and the numbers against PyTorch on
+    make_input's batches of 1 and 7; a failed parity removes the file."""
+    export_module(module, make_input(2), path, input_name, output_names, opset)
     add_metadata(path, props)
     error = parity(path, module, make_input)
     if error > PARITY_TOLERANCE:
@@ -103,10 +105,11 @@ def run(args) -> None:
     def images(n):
         return torch.rand(n, cfg.channels, bv.IMAGE_SIZE, bv.IMAGE_SIZE, generator=generator)
 
-    export(model.decoder, codes(2), codes, out, "z", ["image"], metadata(cfg, state, ranking, "decoder"), args.opset)
+    export(model.decoder, codes, out, input_name="z", output_names=["image"],
+           props=metadata(cfg, state, ranking, "decoder"), opset=args.opset)
     if args.encoder:
-        export(model.encoder, images(2), images, out.parent / "encoder.onnx", "image", ["mu", "logvar"],
-               metadata(cfg, state, ranking, "encoder"), args.opset)
+        export(model.encoder, images, out.parent / "encoder.onnx", input_name="image", output_names=["mu", "logvar"],
+               props=metadata(cfg, state, ranking, "encoder"), opset=args.opset)
     if args.bench:
         decoder = Decoder(out)
         with torch.no_grad():
