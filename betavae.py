@@ -1053,17 +1053,24 @@ def format_epoch(row: dict, cfg: Config, eta: float) -> str:
             f"elapsed, ETA {format_duration(eta)}")
 
 
+def recon_stalled(history: list[dict], patience: int) -> bool:
+    """No validation recon of the last `patience` epochs beat the best before them by 0.1 %."""
+    if len(history) <= patience:
+        return False
+    before = min(r["val_recon"] for r in history[:-patience])
+    return min(r["val_recon"] for r in history[-patience:]) > before * 0.999
+
+
 def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
-    """Warn about the two failures the tutorial's debugging guide names: collapse and a stalled recon."""
+    """Warn about the two failures the tutorial's debugging guide names: collapse and a stalled recon
+    (once, when the stall begins: a long run's plateaus would otherwise repeat it every epoch)."""
     last = history[-1]
     if last["epoch"] >= 2 and last["val_kl"] < 0.1 and (last["beta_eff"] > 0 or last["capacity"]):
         print(f"warning: validation KL is {last['val_kl']:.3f} nats: the posterior has collapsed onto the prior "
               f"(lower --beta, or try --kl-warmup / --capacity)")
-    if len(history) > patience:
-        before = min(r["val_recon"] for r in history[:-patience])
-        if min(r["val_recon"] for r in history[-patience:]) > before * 0.999:
-            print(f"warning: validation recon has not improved for {patience} epochs "
-                  f"(lr is {last['lr']:.1e}; see the README's debugging notes)")
+    if recon_stalled(history, patience) and not recon_stalled(history[:-1], patience):
+        print(f"warning: validation recon has not improved for {patience} epochs "
+              f"(lr is {last['lr']:.1e}; see the README's debugging notes)")
 
 
 def log_tensorboard(writer, row: dict) -> None:

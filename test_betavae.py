@@ -163,9 +163,14 @@ def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
     improving = [row(e, 100 - e, 5.0) for e in range(1, 8)]
     bv.warn_if_stuck(improving, cfg)
     assert capsys.readouterr().out == ""
-    stalled = [row(e, 50.0, 5.0) for e in range(1, 8)]
-    bv.warn_if_stuck(stalled, cfg)
-    assert "has not improved for 5 epochs" in capsys.readouterr().out
+    stalled = [row(e, 50.0, 5.0) for e in range(1, 9)]
+    said = []
+    for epoch in range(1, 9):  # as training calls it: after every epoch, on the history so far
+        bv.warn_if_stuck(stalled[:epoch], cfg)
+        said.append("has not improved for 5 epochs" in capsys.readouterr().out)
+    assert said == [False] * 5 + [True, False, False]  # once, when the stall begins
+    bv.warn_if_stuck(stalled + [row(9, 40.0, 5.0)] + [row(e, 45.0, 5.0) for e in range(10, 15)], cfg)
+    assert "has not improved" in capsys.readouterr().out  # a new stall after an improvement is said again
 
 
 # ---------------------------------------------------------------------------------------------------
