@@ -1504,10 +1504,15 @@ def factor_entropy(factors: np.ndarray) -> np.ndarray:
     return np.array([mutual_info_score(f, f) for f in factors.T])
 
 
-def mig(codes: np.ndarray, factors: np.ndarray) -> float:
-    """Mutual Information Gap (Chen et al. 2018): per factor, (top MI - second MI) / H(factor), averaged."""
+def mig_per_factor(codes: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(K,) Mutual Information Gap of each factor (Chen et al. 2018): (top MI - second MI) / H(factor)."""
     top = np.sort(mutual_information(codes, factors), axis=0)[::-1]
-    return float(np.mean((top[0] - top[1]) / factor_entropy(factors)))
+    return (top[0] - top[1]) / factor_entropy(factors)
+
+
+def mig(codes: np.ndarray, factors: np.ndarray) -> float:
+    """MIG: the factors' gaps averaged, unweighted."""
+    return float(np.mean(mig_per_factor(codes, factors)))
 
 
 def modularity(codes: np.ndarray, factors: np.ndarray) -> float:
@@ -1650,9 +1655,11 @@ def disentanglement_metrics(representation, sizes, n: int, seed: int, points: tu
     if {"mig", "sap", "modularity", "dci"} & set(groups):
         factors = sample_factors(sizes, n, np.random.default_rng([seed, 0]))
         codes = representation(factors)
-        for name, metric in (("mig", mig), ("modularity", modularity)):
-            if name in groups:
-                results[name] = metric(codes, factors)
+        if "mig" in groups:
+            gaps = mig_per_factor(codes, factors)
+            results["mig"], results["mig_per_factor"] = float(np.mean(gaps)), gaps.tolist()
+        if "modularity" in groups:
+            results["modularity"] = modularity(codes, factors)
         if "sap" in groups:
             results["sap"] = sap(codes, factors, seed)
         if "dci" in groups:
@@ -1689,6 +1696,9 @@ def evaluate(args) -> None:
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key:>28}  {value:.4f}")
+    if "mig_per_factor" in results:  # which factors the code has separated, and which it mixes
+        results["mig_per_factor"] = dict(zip(dataset.factor_names, results["mig_per_factor"]))
+        print(f"{'MIG per factor':>28}  " + ", ".join(f"{k} {v:.3f}" for k, v in results["mig_per_factor"].items()))
     out = output_path(args, path.parent, "metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote metrics: {out}")

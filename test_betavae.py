@@ -773,7 +773,9 @@ def test_mig_of_perfect_codes_is_the_binned_entropy_ratio():
     copied = np.concatenate([codes, codes[:, 1:2]], axis=1)  # factor 1 in two dims: its gap closes
     top = np.sort(bv.mutual_information(copied, factors), axis=0)[::-1]
     assert top[0, 1] - top[1, 1] == pytest.approx(0, abs=1e-9)
-    assert bv.mig(copied, factors) == pytest.approx(np.mean([binned_entropy_ratio(4), 0, binned_entropy_ratio(32)]))
+    gaps = [binned_entropy_ratio(4), 0, binned_entropy_ratio(32)]
+    assert bv.mig_per_factor(copied, factors) == pytest.approx(gaps, abs=1e-9)  # the copied factor's gap alone closes
+    assert bv.mig(copied, factors) == pytest.approx(np.mean(gaps))
 
 
 def test_metrics_rank_perfect_rotated_and_noise_codes():
@@ -844,16 +846,21 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path):
     assert a == b  # the same seed repeats exactly
     assert all(0 <= a[k] <= 1 for k in keys - {"val_recon", "val_kl", "active_dims", "kl_per_dim"})
     assert "mig" in first.stdout and str(tmp_path / "a.json") in first.stdout
+    assert list(a["mig_per_factor"]) == list(bv.FACTOR_NAMES)  # each shapes factor's gap, by name
+    assert np.mean(list(a["mig_per_factor"].values())) == pytest.approx(a["mig"])
+    assert "MIG per factor" in first.stdout and "pos_x" in first.stdout
 
 
 def test_a_metric_scores_the_same_alone_or_among_the_others():
     sizes = (3, 6, 10, 8, 8)
     rep = lambda f: f + np.sin(7.0 * np.arange(f.size).reshape(f.shape))  # deterministic "noise"
     every = bv.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15))
-    assert set(every) == set(bv.METRIC_NAMES)
-    for group, key in [("mig", "mig"), ("factor_vae", "factor_vae_score"), ("beta_vae", "beta_vae_score")]:
+    assert set(every) == set(bv.METRIC_NAMES) | {"mig_per_factor"}
+    assert len(every["mig_per_factor"]) == len(sizes) and np.mean(every["mig_per_factor"]) == pytest.approx(every["mig"])
+    for group, keys in [("mig", ["mig", "mig_per_factor"]), ("factor_vae", ["factor_vae_score"]),
+                        ("beta_vae", ["beta_vae_score"])]:
         assert bv.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15), groups=(group,)) == \
-            {key: every[key]}
+            {key: every[key] for key in keys}
     assert bv.metric_groups("factor_vae,mig") == ("mig", "factor_vae")
 
 
