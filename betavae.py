@@ -88,7 +88,9 @@ class Config:
     capacity_epochs: int = option(10, "epochs over which the capacity C(t) rises from 0 to C_max")
     gamma: float = option(1000.0, "weight of |KL - C(t)| under --capacity")
     # optimisation
-    lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, patience 5)")
+    lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, see --lr-patience)")
+    lr_patience: int = option(5, "epochs without a better validation objective before the lr is halved (a "
+                              "long run may want more; may change on --resume)")
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)")
@@ -149,7 +151,8 @@ def describe_defaults(cfg: Config, given: set[str]) -> Optional[str]:
 
 
 # Flags that may change when a run is resumed; every other one must match the stored run.
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir", "amp", "compile"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "workers", "data_dir", "amp", "compile",
+                   "lr_patience"}
 
 
 def check_config(cfg: Config) -> None:
@@ -168,6 +171,7 @@ def check_config(cfg: Config) -> None:
         (cfg.gamma > 0, "--gamma must be > 0"),
         (cfg.capacity is None or cfg.kl_warmup == 0, "--capacity and --kl-warmup are alternatives; pick one"),
         (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lr_patience >= 0, "--lr-patience must be >= 0"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.clip_grad >= 0, "--clip-grad must be >= 0"),
@@ -1162,7 +1166,8 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
     if cfg.sync_bn:  # same parameters and state_dict keys: checkpoints load into a plain BetaVAE
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                           patience=cfg.lr_patience)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they share one order
     # what a checkpoint needs beyond weights: progress through the run and within the current epoch
     run = {"epoch": 0, "step": 0, "sums": torch.zeros(3), "seen": 0, "history": [], "best": math.inf,
@@ -1171,6 +1176,7 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        scheduler.patience = cfg.lr_patience  # the stored state holds the old patience; --resume may change it
         run = resumed["run"]
         rngs = resumed.get("rng_ranks", [resumed["rng"]])
         if len(rngs) != ranks.world:

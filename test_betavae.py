@@ -326,6 +326,16 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+def test_lr_patience_reaches_the_scheduler_and_may_change_on_resume(tmp_path):
+    def stored():
+        state = torch.load(tmp_path / "run/last.pt", weights_only=True)
+        return state["scheduler"]["patience"], state["config"]["lr_patience"]
+    assert train_in_process(tmp_path / "run", "--epochs", "1", "--lr-patience", "3") == 0
+    assert stored() == (3, 3)
+    assert train_in_process(tmp_path / "run", "--epochs", "2", "--lr-patience", "9", "--resume") == 0
+    assert stored() == (9, 9)  # the loaded scheduler state does not bring the old patience back
+
+
 def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
     calls, real_step = [], bv.train_step
