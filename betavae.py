@@ -89,8 +89,9 @@ class Config:
     gamma: float = option(1000.0, "weight of |KL - C(t)| under --capacity")
     # optimisation
     lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, see --lr-patience)")
-    lr_patience: int = option(5, "epochs without a better validation objective before the lr is halved (a "
-                              "long run may want more; may change on --resume)")
+    lr_patience: int = option(5, "epochs without a better validation objective that ReduceLROnPlateau "
+                              "tolerates; the next one halves the lr (a long run may want more; may change "
+                              "on --resume)")
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)")
