@@ -419,6 +419,7 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
 @pytest.mark.parametrize("flags, message", [
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+    (["--lr-patience", "-1"], "--lr-patience must be >= 0"),
     (["--beta", "nan"], "must be a finite number"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
