@@ -33,9 +33,10 @@ def export_module(module: torch.nn.Module, example: torch.Tensor, path: Path, in
     program.save(str(path))
 
 
-def metadata(cfg: bv.Config, state: dict, ranking: list[tuple[int, float]], role: str) -> dict[str, str]:
+def metadata(cfg: bv.Config, state: dict, ranking: list[tuple[int, float]], factors, role: str) -> dict[str, str]:
     """What infer_onnx.py needs to use a model without its checkpoint (ONNX metadata values are strings)."""
-    return {"producer": "betavae", "betavae_version": bv.__version__, "role": role,
+    labels = {} if factors is None else {"dim_factors": json.dumps(factors)}  # per dim [factor, normalised MI]
+    return {**labels, "producer": "betavae", "betavae_version": bv.__version__, "role": role,
             "latent_dim": str(cfg.latent_dim), "channels": str(cfg.channels),
             "height": str(bv.IMAGE_SIZE), "width": str(bv.IMAGE_SIZE),
             "dims_by_kl": json.dumps([[d, round(kl, 6)] for d, kl in ranking]),
@@ -95,6 +96,7 @@ def run(args) -> None:
     state = bv.read_checkpoint(args.checkpoint)
     model, cfg = bv.model_from_state(state, args.checkpoint)
     ranking = bv.kl_ranking(state, model, cfg, "cpu")
+    factors = bv.factor_labels(state, model, cfg, "cpu")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "decoder.onnx"
     bv.make_output_folder(out.parent)
     generator = torch.Generator().manual_seed(0)
@@ -106,10 +108,10 @@ def run(args) -> None:
         return torch.rand(n, cfg.channels, bv.IMAGE_SIZE, bv.IMAGE_SIZE, generator=generator)
 
     export(model.decoder, codes, out, input_name="z", output_names=["image"],
-           props=metadata(cfg, state, ranking, "decoder"), opset=args.opset)
+           props=metadata(cfg, state, ranking, factors, "decoder"), opset=args.opset)
     if args.encoder:
         export(model.encoder, images, out.parent / "encoder.onnx", input_name="image", output_names=["mu", "logvar"],
-               props=metadata(cfg, state, ranking, "encoder"), opset=args.opset)
+               props=metadata(cfg, state, ranking, factors, "encoder"), opset=args.opset)
     if args.bench:
         decoder = Decoder(out)
         with torch.no_grad():

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 PADDING = 2  # pixels around every image of a grid, as torchvision's make_grid
-LABEL_WIDTH, HEADER_HEIGHT = 84, 22
+LABEL_WIDTH, HEADER_HEIGHT = 168, 22  # the widest row label, "dim 127 · orientation 0.99", fits
 
 
 class UserError(Exception):
@@ -155,9 +155,11 @@ def traversal_codes(base: np.ndarray, dims: list[int], values: np.ndarray) -> np
     return codes.reshape(-1, base.shape[-1])
 
 
-def traversal_labels(shown: list[tuple[int, float]], values: np.ndarray) -> tuple[list[str], list[str]]:
-    """Row labels (dim and its KL, when known) and column labels (the swept values)."""
-    rows = [f"dim {d}" if kl is None else f"dim {d}\n{kl:.2f} nats" for d, kl in shown]
+def traversal_labels(shown: list[tuple[int, float]], values: np.ndarray, factors=None) -> tuple[list[str], list[str]]:
+    """Row labels (dim, the factor it carries with its normalised MI, and its KL, each when known) and
+    column labels (the swept values). factors: per dim [name, score], or None."""
+    names = [f"dim {d}" + (f" · {factors[d][0]} {factors[d][1]:.2f}" if factors else "") for d, _ in shown]
+    rows = [name if kl is None else f"{name}\n{kl:.2f} nats" for name, (_, kl) in zip(names, shown)]
     return rows, [f"{round(float(v), 1) + 0.0:+.1f}" for v in values]  # + 0.0 turns -0.0 into 0.0
 
 
@@ -237,9 +239,11 @@ class Decoder:
             self.latent_dim = int(meta["latent_dim"])
             self.channels, self.size = int(meta["channels"]), int(meta["height"])
             self.ranking = [(int(d), float(kl)) for d, kl in json.loads(meta["dims_by_kl"])]
+            self.factors = json.loads(meta.get("dim_factors", "null"))  # per dim [factor, normalised MI]
         elif latent_dim:
             self.latent_dim, self.channels, self.size = latent_dim, *self.output_shape()
             self.ranking = [(d, None) for d in range(latent_dim)]  # no KL known: index order
+            self.factors = None
         else:
             raise UserError(f"{path} has no betavae metadata: pass --latent-dim")
         declared = self.session.get_inputs()[0].shape[-1]
@@ -304,7 +308,7 @@ def traverse(args) -> None:
         np.zeros(decoder.latent_dim, np.float32)
     dims = [d for d, _ in shown]
     images = decoder(traversal_codes(base, dims, values))
-    rows, columns = traversal_labels(shown, values)
+    rows, columns = traversal_labels(shown, values, decoder.factors)
     grid = image_grid(images, args.steps)
     out = Path(args.out)
     save_figure(labelled(grid, decoder.size + PADDING, rows, columns), out, "traversal")

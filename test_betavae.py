@@ -52,6 +52,31 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+# set once per process by pytest, scikit-learn's OpenMP set-up and torch's compiler on first use, not by a test
+OWN_ENV = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR",
+           "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+
+
+def global_state() -> dict:
+    """What one test could leave changed for the next: torch's threads, default dtype and compiler config,
+    the environment, the Ctrl-C handler, the working directory."""
+    state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype(),
+             "env": {k: v for k, v in os.environ.items() if k not in OWN_ENV}, "sigint": signal.getsignal(signal.SIGINT), "cwd": os.getcwd()}
+    if "torch._inductor.config" in sys.modules:  # loaded by the first compile; its config is process-wide
+        state["inductor"] = sys.modules["torch._inductor.config"].get_config_copy()
+    return state
+
+
+@pytest.fixture(autouse=True)
+def leaves_global_state_as_found():
+    """Every test must leave the process as it found it: a leak turns a later test red, but only in a suite."""
+    before = global_state()
+    yield
+    after = global_state()
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, f"the test left global state changed: {changed}"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny training run through the CLI, shared by the tests that only read its outputs."""
@@ -133,6 +158,90 @@ def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
     torch.testing.assert_close(closed, monte_carlo, atol=0.03, rtol=0.02)
 
 
+# The KL's parts (Chen et al. 2018): index-code MI, total correlation, dimension-wise KL
+
+def brute_force_decomposition(z, mu, logvar, weight):
+    """MI, TC and dimension-wise KL with every log density written out in plain Python, over all pairs."""
+    def log_normal(v, m, lv):
+        return -0.5 * (math.log(2 * math.pi) + lv + (v - m) ** 2 / math.exp(lv))
+    b, d = z.shape
+    mi = tc = dwkl = 0.0
+    for i in range(b):
+        log_q_zx = sum(log_normal(z[i, k], mu[i, k], logvar[i, k]) for k in range(d))
+        log_qz = math.log(sum(weight(i, j) * math.exp(sum(log_normal(z[i, k], mu[j, k], logvar[j, k])
+                                                          for k in range(d))) for j in range(b)))
+        log_marginals = sum(math.log(sum(weight(i, j) * math.exp(log_normal(z[i, k], mu[j, k], logvar[j, k]))
+                                         for j in range(b))) for k in range(d))
+        log_pz = sum(log_normal(z[i, k], 0.0, 0.0) for k in range(d))
+        mi, tc, dwkl = mi + log_q_zx - log_qz, tc + log_qz - log_marginals, dwkl + log_marginals - log_pz
+    return mi / b, tc / b, dwkl / b
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_kl_decomposition_matches_a_brute_force_computation(estimator):
+    g = torch.Generator().manual_seed(3)
+    mu, logvar = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z = mu + torch.randn(5, 3, generator=g, dtype=torch.float64) * (0.5 * logvar).exp()
+    n, m = 1000, 4  # the training set's size; M = B - 1
+
+    def weight(i, j):  # Chen et al.: 1/B each (mws); x_i 1/N, the next (N - M)/(N M), the others 1/M (mss)
+        if estimator == "mws":
+            return 1 / 5
+        return 1 / n if j == i else (n - m) / (n * m) if j == (i + 1) % 5 else 1 / m
+    assert all(sum(weight(i, j) for j in range(5)) == pytest.approx(1) for i in range(5))
+    parts = bv.kl_decomposition(z, mu, logvar, bv.log_importance_weights(5, n, estimator))
+    expected = brute_force_decomposition(z.numpy(), mu.numpy(), logvar.numpy(), weight)
+    assert [parts[k].item() for k in ("mi", "tc", "dwkl")] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_kl_parts_add_up_to_the_monte_carlo_kl():
+    g = torch.Generator().manual_seed(4)
+    mu, logvar = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randn(64, 6, generator=g, dtype=torch.float64)
+    q = Normal(mu, (0.5 * logvar).exp())
+    z = q.sample()
+    monte_carlo = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(1).mean()
+    for estimator in ("mws", "mss"):
+        parts = bv.kl_decomposition(z, mu, logvar, bv.log_importance_weights(64, 10_000, estimator))
+        assert (parts["mi"] + parts["tc"] + parts["dwkl"]).item() == pytest.approx(monte_carlo.item(), abs=1e-10)
+
+
+def sampled_codes(correlation: float, n: int = 4000, sigma: float = 0.5):
+    """Posterior means mu ~ N(0, [[1, c], [c, 1]]), each posterior N(mu, sigma^2 I), one z from each: the
+    aggregate posterior is N(0, [[1 + s^2, c], [c, 1 + s^2]]), whose TC is -1/2 log(1 - r^2),
+    r = c / (1 + s^2). Returns (z, mu, logvar, analytic TC)."""
+    g = torch.Generator().manual_seed(5)
+    cov = torch.tensor([[1.0, correlation], [correlation, 1.0]], dtype=torch.float64)
+    mu = torch.randn(n, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    logvar = torch.full_like(mu, 2 * math.log(sigma))
+    z = mu + sigma * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    r = correlation / (1 + sigma ** 2)
+    return z, mu, logvar, -0.5 * math.log(1 - r ** 2)
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.9])
+def test_total_correlation_estimate_matches_the_gaussian_value(correlation):
+    """A batch of 4,000 that is the whole data set (N = B): the estimate's bias is below 0.03 nats here."""
+    z, mu, logvar, analytic = sampled_codes(correlation)
+    for estimator in ("mws", "mss"):
+        tc = bv.kl_decomposition(z, mu, logvar, bv.log_importance_weights(len(z), len(z), estimator))["tc"].item()
+        assert tc == pytest.approx(analytic, abs=0.03), estimator
+    assert analytic == 0 or analytic > 0.3  # the correlated case is far from 0: the test tells them apart
+
+
+def test_tc_objective_weights_only_the_total_correlation():
+    g = torch.Generator().manual_seed(6)
+    mu, logvar = torch.randn(2, 2, generator=g), torch.randn(2, 2, generator=g)
+    z = mu + torch.randn(2, 2, generator=g) * (0.5 * logvar).exp()
+    plain = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=1.0)
+    tc1 = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=1.0, objective="tc")
+    tc4 = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc")
+    assert tc1["total"].item() == pytest.approx(plain["total"].item(), rel=1e-6)  # beta 1: a plain VAE either way
+    kl, tc = sum(hand_kl_dims()), tc4["tc"].item()
+    # recon + MI + 4 TC + dimension-wise KL, with the closed-form KL for MI + TC + dimension-wise KL
+    assert tc4["total"].item() == pytest.approx(hand_recon("mse") + kl + 3 * tc, rel=1e-5)
+    assert tc4["recon"].item() == pytest.approx(hand_recon("mse"), rel=1e-5)
+
+
 def test_gradients_reach_mu_and_logvar_through_the_sample():
     model = bv.BetaVAE(latent_dim=3)
     mu = torch.tensor([[0.2, -0.4, 1.0]], requires_grad=True)
@@ -176,16 +285,17 @@ def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
 # ---------------------------------------------------------------------------------------------------
 # Model
 
+@pytest.mark.parametrize("arch", ["tutorial", "burgess"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_model_shapes_and_range(channels):
-    model = bv.BetaVAE(latent_dim=6, channels=channels).eval()
+def test_model_shapes_and_range(channels, arch):
+    model = bv.BetaVAE(latent_dim=6, channels=channels, arch=arch).eval()
     x = torch.rand(2, channels, 64, 64)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 6)
     image = model.decode(torch.randn(5, 6) * 10)
     assert image.shape == (5, channels, 64, 64)
     assert image.min() >= 0 and image.max() <= 1
-    logits, _, _ = model(x)
+    logits, _, _, _ = model(x)
     z = torch.randn(3, 6)
     torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decoder.logits(z)))
     assert logits.shape == (2, channels, 64, 64)
@@ -424,6 +534,10 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
+    (["--objective", "tc", "--capacity", "20"], "no meaning with --objective tc"),
+    (["--objective", "tc", "--free-bits", "0.5"], "no meaning with --objective tc"),
+    (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--out", "__FILE__/run"], "cannot write to --out"),
 ])
 def test_bad_flags_give_one_line(tmp_path, flags, message):
@@ -490,7 +604,7 @@ def test_every_picture_command_writes_an_image_of_the_expected_size(tiny_run, tm
     assert gif.n_frames == 2 * 5 - 2 and gif.size == (grid_size(3, 1)[0], HEADER_HEIGHT + grid_size(3, 1)[1])
     result = run_cli("plot", "--run", out, "--out", tmp_path / "plot.png")
     assert result.returncode == 0, result.stderr
-    assert png(tmp_path / "plot.png").size == (880, 960)
+    assert png(tmp_path / "plot.png").size == (880, 1200)  # 5 rows: losses, the KL's parts, KL per dim
 
 
 def test_figures_default_to_the_newest_run_folder(tiny_run, tmp_path):
@@ -649,6 +763,36 @@ def test_export_matches_pytorch_at_batch_1_and_7(exported):
     assert not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
 
 
+def test_burgess_network_trains_the_tc_objective_exports_and_draws(tmp_path):
+    """The second network end to end: the checkpoint names it, every tool rebuilds it, ONNX matches it."""
+    out = tmp_path / "burgess"
+    result = run_cli("train", *TINY, "--epochs", "1", "--arch", "burgess", "--objective", "tc", "--recon", "bce",
+                     "--tc-estimator", "mss", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "beta 4 on the total correlation only" in result.stdout and "minibatch-stratified" in result.stdout
+    model, cfg = bv.load_checkpoint(out / "best.pt")
+    assert (cfg.arch, cfg.objective, cfg.tc_estimator) == ("burgess", "tc", "mss")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # the logged validation objective is recon + KL + 3 TC, recomputed from the logged parts
+    row = next(csv.DictReader(open(out / "history.csv")))
+    assert float(row["val_total"]) == pytest.approx(float(row["val_recon"]) + float(row["val_kl"])
+                                                    + 3 * float(row["val_tc"]), rel=1e-5)
+    assert float(row["val_mi"]) + float(row["val_tc"]) + float(row["val_dwkl"]) != 0
+    # and it is what validate() computes again from the checkpoint: batches of the training size
+    assert bv.checkpoint_validation(model, cfg, torch.device("cpu"))["total"] == pytest.approx(float(row["val_total"]), rel=1e-5)
+    assert run_script("export.py", "--checkpoint", out / "best.pt").returncode == 0
+    import onnxruntime as ort
+    z = torch.randn(3, cfg.latent_dim)
+    decoded = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"z": z.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(decoded, model.decode(z).numpy(), atol=1e-5)
+    for command in ("traverse", "reconstruct"):
+        assert run_cli(command, "--checkpoint", out / "best.pt").returncode == 0, command
+    result = run_cli("evaluate", "--checkpoint", out / "best.pt", "--metrics", "mig", "--n", "100")
+    assert result.returncode == 0 and "mig" in json.loads((out / "metrics.json").read_text())
+
+
 def test_export_metadata_round_trip(exported):
     import onnx
     out, _ = exported
@@ -663,6 +807,10 @@ def test_export_metadata_round_trip(exported):
     assert props["betavae_version"] == bv.__version__ and props["role"] == "decoder"
     decoder = onnx_tool.Decoder(out / "decoder.onnx")
     assert (decoder.latent_dim, decoder.channels, decoder.size) == (4, 1, 64)
+    # the factor labels: measured on the validation images at the last epoch, stored, exported, read back
+    assert len(state["dim_factors"]) == 4 and all(name in bv.FACTOR_NAMES for name, _ in state["dim_factors"])
+    assert decoder.factors == state["dim_factors"]
+    assert bv.factor_labels({}, model, cfg, torch.device("cpu")) == state["dim_factors"]  # an older checkpoint
 
 
 def test_infer_onnx_runs_without_torch(exported, no_torch_env, tmp_path):
@@ -789,6 +937,27 @@ def test_mig_of_perfect_codes_is_the_binned_entropy_ratio():
     assert bv.mig(copied, factors) == pytest.approx(np.mean(gaps))
 
 
+def test_each_dim_is_labelled_with_the_factor_it_carries():
+    sizes = (4, 40, 32)
+    factors = factor_grid(sizes)
+    rng = np.random.default_rng(0)
+    # dim 0 holds factor 2, dim 1 factor 0, dim 2 is noise, dim 3 holds factor 1 and a little of factor 0
+    codes = np.stack([factors[:, 2], factors[:, 0], rng.normal(size=len(factors)),
+                      factors[:, 1] + 0.01 * factors[:, 0]], axis=1) + rng.normal(0, 1e-6, (len(factors), 4))
+    labels = bv.dim_factors(codes, factors, ("a", "b", "c"))
+    assert [name for name, _ in labels[:2]] == ["c", "a"] and labels[3][0] == "b"
+    assert [score for _, score in labels[:2]] == pytest.approx([binned_entropy_ratio(32), binned_entropy_ratio(4)],
+                                                                abs=1e-9)
+    assert labels[2][1] < 0.02  # noise informs no factor
+
+
+def test_traversal_labels_name_the_factor_and_the_kl():
+    rows, columns = bv.traversal_labels([(3, 1.234), (0, None)], np.array([-1.0, 1.0]),
+                                        [["pos_x", 0.5], ["shape", 0.1], ["x", 0], ["scale", 0.714]])
+    assert rows == ["dim 3 · scale 0.71\n1.23 nats", "dim 0 · pos_x 0.50"] and columns == ["-1.0", "+1.0"]
+    assert bv.traversal_labels([(3, 1.234)], np.array([0.0]))[0] == ["dim 3\n1.23 nats"]
+
+
 def test_metrics_rank_perfect_rotated_and_noise_codes():
     rng = np.random.default_rng(0)
     sizes = (3, 4, 5)
@@ -843,6 +1012,42 @@ def test_beta_vae_and_factor_vae_scores():
     assert constant == 0.0  # every dim pruned
 
 
+def test_metrics_on_a_labelled_subset_draw_from_the_images_it_holds():
+    sizes = (3, 6, 10, 8, 8)
+    grid = factor_grid(sizes)
+    held = grid[np.sort(np.random.default_rng(7).choice(len(grid), 7000, replace=False))]  # 61 % of the grid
+    sampler = bv.FactorSampler(sizes, held)
+    rng = np.random.default_rng(0)
+    keys = {tuple(row) for row in held.tolist()}
+    drawn = sampler.draw(500, rng)
+    ks, values = rng.integers(5, size=500), rng.integers(0, 3, size=500)
+    fixed = sampler.fix(drawn, ks, values, rng)
+    assert all(tuple(row) in keys for row in np.concatenate([drawn, fixed]).tolist())  # only what the file holds
+    assert np.array_equal(fixed[np.arange(500), ks], values)  # each with its fixed factor's value
+    perfect = lambda f: f + np.random.default_rng(1).normal(0, 0.01, f.shape)
+    assert bv.beta_vae_score(perfect, sampler, np.random.default_rng(0), 300, 150) == 1.0
+    assert bv.factor_vae_score(perfect, sampler, np.random.default_rng(0), 300, 150, n_variance=1000) == 1.0
+    assert bv.FactorSampler(sizes, grid).held is None  # a file with the whole grid is sampled as the grid
+    few = bv.FactorSampler(sizes, held[:500])  # about 60 images per position value: too few for a batch of 64
+    with pytest.raises(bv.UserError, match="too few"):
+        bv.beta_vae_score(perfect, few, np.random.default_rng(0), 10, 5)
+
+
+def test_evaluate_scores_a_labelled_dsprites_subset(tmp_path):
+    rows = np.sort(np.random.default_rng(3).choice(192, 90, replace=False))  # 90 of the 192 combinations
+    write_fake_dsprites(tmp_path / bv.DSPRITES_FILE, rows=rows)
+    assert train_in_process(tmp_path / "run", "--epochs", "1", "--dataset", "dsprites", "--data-dir", tmp_path,
+                            "--val-fraction", "0.25") == 0
+    result = run_cli("evaluate", "--checkpoint", tmp_path / "run/best.pt", "--metrics", "mig,sap,modularity,dci",
+                     "--n", "200", "--out", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    assert "note: factors drawn from the 90 images the file holds (of 192" in result.stdout
+    scores = json.loads((tmp_path / "m.json").read_text())
+    assert scores["factors_drawn_from"].startswith("the 90 images") and 0 <= scores["mig"] <= 1
+    assert_one_line_error(run_cli("evaluate", "--checkpoint", tmp_path / "run/best.pt", "--metrics", "factor_vae",
+                                  "--n", "200", "--points", "10", "5"), "too few for the beta-VAE and FactorVAE")
+
+
 def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path):
     out, _ = tiny_run
     args = ["evaluate", "--checkpoint", out / "best.pt", "--n", "200", "--points", "20", "10"]
@@ -892,9 +1097,9 @@ def test_eval_every_adds_the_metrics_to_history_and_plots(tmp_path, monkeypatch)
     rows = list(csv.DictReader(open(tmp_path / "run/history.csv")))
     assert set(bv.METRIC_NAMES) <= set(rows[0])
     assert rows[0]["mig"] == "" and all(0 <= float(rows[1][m]) <= 1 for m in bv.METRIC_NAMES)
-    assert png(tmp_path / "run/loss_curves.png").size == (800, 960)  # a fourth row: the metrics
+    assert png(tmp_path / "run/loss_curves.png").size == (800, 1200)  # a fifth row: the metrics
     bv.main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")])
-    assert png(tmp_path / "plot.png").size == (880, 1200)
+    assert png(tmp_path / "plot.png").size == (880, 1440)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1069,12 +1274,12 @@ def one_step(amp=False, compile=False, channels_last=False):
     return parts["recon"].item(), parts["kl"].item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def test_channels_last_and_compile_change_a_step_by_float_noise_only(monkeypatch):
+def test_channels_last_and_compile_change_a_step_by_float_noise_only():
     import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the eager noise, for comparison
     recon, kl, grads = one_step()
     for options in ({"channels_last": True}, {"compile": True, "channels_last": True}):
-        recon2, kl2, grads2 = one_step(**options)
+        with torch._inductor.config.patch(fallback_random=True):  # the eager noise, for comparison; scoped
+            recon2, kl2, grads2 = one_step(**options)
         assert recon2 == pytest.approx(recon, rel=1e-5) and kl2 == pytest.approx(kl, rel=1e-4, abs=1e-6)
         assert torch.allclose(grads2, grads, rtol=1e-3, atol=1e-3 * grads.abs().max().item()), options
 
@@ -1117,8 +1322,9 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
         changed = [name for name, value in defaults.items() if value != getattr(bv.Config(), name)]
         assert changed and all(f"--{name.replace('_', '-')} " in note for name in changed)
         # every flag still overrides, and a typed flag is not reported as a default
-        other = {name: {"mse": "bce", "bce": "mse"}.get(value, value * 2 if isinstance(value, float) else value + 3)
-                 for name, value in defaults.items()}
+        choices = {f.name: f.metadata.get("choices") for f in bv.fields(bv.Config)}
+        other = {name: next(c for c in choices[name] if c != value) if isinstance(value, str) else
+                 value * 2 if isinstance(value, float) else value + 3 for name, value in defaults.items()}
         overridden = parse(*[a for name, value in other.items() for a in (f"--{name.replace('_', '-')}", str(value))])
         assert all(getattr(overridden, name) == value for name, value in other.items())
         assert bv.describe_defaults(overridden, {"dataset", *other}) is None
@@ -1149,6 +1355,7 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
     assert [(r["variant"], r["epoch"], r["images"]) for r in rows] == [
         ("tutorial", "1", "64"), ("tutorial", "2", "128"), ("latent10", "1", "64"), ("latent10", "2", "128")]
     assert all(0 <= float(r["mig"]) <= 1 and 0 <= float(r["factor_vae_score"]) <= 1 for r in rows)
+    assert [part.split("=")[0] for part in rows[0]["mig_per_factor"].split()] == list(bv.FACTOR_NAMES)
     assert float(rows[1]["minutes"]) > float(rows[0]["minutes"]) > 0
     assert json.loads((tmp_path / "study/latent10-seed0/config.json").read_text())["latent_dim"] == 10
     assert png(tmp_path / "study/study.png").size[0] > 0
