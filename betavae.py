@@ -124,9 +124,12 @@ class Config:
 # The Config defaults above are the tutorial's settings (for faces). Where the time-to-disentangle study
 # (`python betavae.py study`, README) found better ones for a dataset, they are here; any flag overrides them.
 TUTORIAL = "the tutorial's settings"
-SPRITES = {"latent_dim": 10, "epochs": 25}
-SPRITES_WHY = ("5 factors: a 10-d latent, as in the disentanglement literature, gave the study's best MIG; "
-               "25 epochs fit in 30 minutes on 2 CPU cores (README, Time to disentangle)")
+SPRITES = {"latent_dim": 10, "epochs": 25, "arch": "burgess", "recon": "bce", "lr": 5e-4, "batch_size": 64,
+           "objective": "tc"}
+SPRITES_WHY = ("beta weights only the total correlation (Chen et al.), not the whole KL: at equal images it "
+               "separated the factors several times better over 3 seeds, with disentanglement_lib's recipe "
+               "(Burgess et al.'s network, Bernoulli loss, lr 5e-4, batch 64, 10-d); --objective kl trains "
+               "Higgins et al.'s beta-VAE (docs/study.md)")
 DATASET_DEFAULTS = {
     "shapes": (SPRITES, SPRITES_WHY),
     "dsprites": (SPRITES, SPRITES_WHY),
@@ -2131,8 +2134,8 @@ def any_rank(flag: bool, device) -> bool:
 
 def broadcast_buffers(model: nn.Module) -> None:
     """Rank 0's BatchNorm running statistics on every rank (DDP copies them only at the next forward)."""
-    if torch.distributed.is_initialized():
-        buffers = list(model.buffers())
+    buffers = list(model.buffers())
+    if torch.distributed.is_initialized() and buffers:  # Burgess et al.'s network has no BatchNorm, no buffers
         flat = torch.cat([b.flatten().double() for b in buffers])  # one message; counts are exact in float64
         torch.distributed.broadcast(flat, 0)
         for buffer, values in zip(buffers, flat.split([b.numel() for b in buffers])):

@@ -416,15 +416,16 @@ def test_help_lists_every_option_with_its_default():
     for f in bv.fields(bv.Config):
         if "help" in f.metadata:
             assert "--" + f.name.replace("_", "-") in result.stdout
-    assert "(default: 0.0001)" in result.stdout and "(default: 20000)" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
+    assert "(default: 0.0001; shapes, dsprites: 0.0005)" in text and "(default: 20000)" in text
 
 
 def test_same_seed_repeats_bit_for_bit_and_another_seed_differs(tmp_path):
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
         assert train_in_process(tmp_path / name, "--epochs", "1", "--seed", seed) == 0
     assert_same_weights(weights(tmp_path / "a/last.pt"), weights(tmp_path / "b/last.pt"))
-    assert not torch.equal(weights(tmp_path / "a/last.pt")["decoder.fc.weight"],
-                           weights(tmp_path / "c/last.pt")["decoder.fc.weight"])
+    assert not torch.equal(weights(tmp_path / "a/last.pt")["encoder.fc_mu.weight"],
+                           weights(tmp_path / "c/last.pt")["encoder.fc_mu.weight"])
 
 
 def test_resume_after_an_epoch_is_exact(tmp_path):
@@ -520,6 +521,10 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     state["config"]["latent_dim"] = 7
     torch.save(state, tmp_path / "other_arch.pt")
     cases["other_arch.pt"] = "another architecture"
+    state = torch.load(out / "best.pt", weights_only=True)
+    state["config"]["arch"] = {"burgess": "tutorial", "tutorial": "burgess"}[state["config"]["arch"]]
+    torch.save(state, tmp_path / "other_network.pt")
+    cases["other_network.pt"] = "another architecture"
     cases["missing.pt"] = "no checkpoint at"
     for name, message in cases.items():
         with pytest.raises(bv.UserError, match=message):
@@ -1339,8 +1344,10 @@ def test_train_prints_the_defaults_it_used(tmp_path, capsys):
     bv.main(["train", "--epoch-size", "16", "--batch-size", "16", "--val-size", "16", "--epochs", "1",
              "--device", "cpu", "--out", str(tmp_path / "run")])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shapes defaults:"))
-    assert "--latent-dim 10 (the tutorial's: 128)" in line and "--epochs" not in line  # typed, so not a default
-    assert bv.SPRITES_WHY in line
+    assert line.startswith("shapes defaults: --latent-dim 10, --arch burgess, --recon bce, --lr 0.0005, "
+                           "--objective tc (the tutorial's: 128, tutorial, mse, 0.0001, kl)")
+    assert "--epochs" not in line and "--batch-size" not in line  # typed, so not defaults
+    assert bv.SPRITES_WHY in line and "total correlation" in line
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["latent_dim"] == 10 and config["epochs"] == 1
 
@@ -1389,7 +1396,8 @@ def test_rank_batches_deal_equal_shares():
 
 
 def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
-    first = torchrun("--epochs", "2", "--out", tmp_path / "a")
+    # the tutorial's network: its BatchNorm statistics are what the ranks must agree on
+    first = torchrun("--epochs", "2", "--arch", "tutorial", "--out", tmp_path / "a")
     assert first.returncode == 0, first.stderr
     assert "2 processes, global batch 32" in first.stdout
     assert first.stdout.count("done:") == 1 and first.stdout.count("epoch   2/2") == 1  # rank 0 alone prints
@@ -1407,7 +1415,7 @@ def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
     # resuming the 2-process run equals training it without a break
     resumed = torchrun("--epochs", "3", "--out", tmp_path / "a", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    straight = torchrun("--epochs", "3", "--out", tmp_path / "b")
+    straight = torchrun("--epochs", "3", "--arch", "tutorial", "--out", tmp_path / "b")
     assert straight.returncode == 0, straight.stderr
     assert_same_weights(weights(tmp_path / "a/last.pt"), weights(tmp_path / "b/last.pt"))
     # a different process count cannot continue it, and --sync-bn needs CUDA
@@ -1415,6 +1423,10 @@ def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
     assert alone.returncode == 2 and "trained by 2 process(es)" in alone.stderr
     sync = run_cli("train", *TINY, "--sync-bn", "--device", "cpu", "--out", tmp_path / "c")
     assert sync.returncode == 2 and "--sync-bn needs torchrun with CUDA" in sync.stderr
+    # the default for shapes (Burgess et al.'s network, no BatchNorm; TC estimated on each rank's batch)
+    default = torchrun("--epochs", "1", "--out", tmp_path / "d")
+    assert default.returncode == 0, default.stderr
+    assert "weights identical on all 2 processes" in default.stdout and "total correlation" in default.stdout
 
 
 def test_openmp_waits_passively_unless_the_user_says_otherwise():
