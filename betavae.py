@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 # OpenMP's default busy-waiting made 2-thread torch 3-5x slower whenever other processes shared the cores
-# (README, Speed); passive waiting costs little on an idle machine. Must be set before torch loads.
+# (docs/performance.md); passive waiting costs little on an idle machine. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -122,7 +122,7 @@ class Config:
 
 
 # The Config defaults above are the tutorial's settings (for faces). Where the time-to-disentangle study
-# (`python betavae.py study`, README) found better ones for a dataset, they are here; any flag overrides them.
+# (`python betavae.py study`, docs/study.md) found better ones for a dataset, they are here; any flag overrides them.
 TUTORIAL = "the tutorial's settings"
 SPRITES = {"latent_dim": 10, "epochs": 25, "arch": "burgess", "recon": "bce", "lr": 5e-4, "batch_size": 64,
            "objective": "tc"}
@@ -325,7 +325,7 @@ def make_datasets(cfg: Config, download: bool = False) -> tuple[Dataset, Dataset
 
 def loader_workers(cfg: Config) -> int:
     """--workers, or automatically: none for data in memory (it loads far faster than it trains: see the
-    README's bench), and half the cores (1 to 4) for image files, leaving the rest to training."""
+    bench in docs/datasets.md), and half the cores (1 to 4) for image files, leaving the rest to training."""
     if cfg.workers >= 0:
         return cfg.workers
     return max(1, min(4, (os.cpu_count() or 2) // 2)) if cfg.dataset in ("folder", "celeba") else 0
@@ -588,7 +588,7 @@ def compiled(model: nn.Module) -> nn.Module:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last trains faster on CPU and CUDA (measured, see README); MPS keeps the default."""
+    """channels_last trains faster on CPU and CUDA (measured: docs/performance.md); MPS keeps the default."""
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
@@ -947,7 +947,7 @@ def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
               f"(lower --beta, or try --kl-warmup / --capacity)")
     if recon_stalled(history, patience) and not recon_stalled(history[:-1], patience):
         print(f"warning: validation recon has not improved for {patience} epochs "
-              f"(lr is {last['lr']:.1e}; see the README's debugging notes)")
+              f"(lr is {last['lr']:.1e}; docs/training.md lists the remedies)")
 
 
 def log_tensorboard(writer, row: dict) -> None:

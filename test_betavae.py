@@ -499,6 +499,22 @@ def test_tensorboard_logs_or_says_what_is_missing(tmp_path):
         assert list((tmp_path / "tb/tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_tensorboard_scalars_include_the_kls_parts():
+    logged = {}
+
+    class Writer:  # records what train would send to TensorBoard
+        def add_scalar(self, tag, value, step):
+            logged[tag] = (value, step)
+
+    row = {"epoch": 3, "beta_eff": 4.0, "capacity": None, "lr": 1e-4, "active_dims": 5, "img_per_s": 100.0,
+           **{f"{split}_{term}": float(i) for i, (split, term) in
+              enumerate((s, t) for s in ("train", "val") for t in bv.LOGGED_TERMS)}}
+    bv.log_tensorboard(Writer(), row)
+    for split in ("train", "val"):
+        for term in ("recon", "kl", "total", "mi", "tc", "dwkl"):
+            assert logged[f"loss/{term}_{split}"] == (row[f"{split}_{term}"], 3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: one clear line, a non-zero exit, never a traceback
 
@@ -1335,7 +1351,7 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
         assert bv.describe_defaults(overridden, {"dataset", *other}) is None
     else:
         assert note is None and why == bv.TUTORIAL
-    # the sprites' defaults are the ones the README's study table recommends
+    # the sprites' defaults are the ones docs/study.md recommends
     if dataset in ("shapes", "dsprites"):
         assert defaults == bv.SPRITES
 
