@@ -1254,7 +1254,9 @@ def output_path(args, run: Path, name: str) -> Path:
 
 
 def checkpoint_validation(model: BetaVAE, cfg: Config, device) -> dict:
-    """validate() for a loaded checkpoint: its validation data at the run's final beta_eff / capacity."""
+    """validate() for a loaded checkpoint: its validation data at the run's final beta_eff / capacity.
+    `device` may be a name ("cpu"), as export.py passes it."""
+    device = torch.device(device)
     train_set, val_set = make_datasets(cfg)
     loader = DataLoader(val_set, batch_size=val_batch_size(cfg), generator=torch.Generator())
     return validate(model, loader, cfg, *schedule(cfg, cfg.epochs), device, len(train_set))

@@ -798,7 +798,7 @@ def test_burgess_network_trains_the_tc_objective_exports_and_draws(tmp_path):
     row = next(csv.DictReader(open(out / "history.csv")))
     assert float(row["val_total"]) == pytest.approx(float(row["val_recon"]) + float(row["val_kl"])
                                                     + 3 * float(row["val_tc"]), rel=1e-5)
-    assert float(row["val_mi"]) + float(row["val_tc"]) + float(row["val_dwkl"]) != 0
+    assert all(math.isfinite(float(row[f"{split}_{part}"])) for split in ("train", "val") for part in ("mi", "tc", "dwkl"))
     # and it is what validate() computes again from the checkpoint: batches of the training size
     assert bv.checkpoint_validation(model, cfg, torch.device("cpu"))["total"] == pytest.approx(float(row["val_total"]), rel=1e-5)
     assert run_script("export.py", "--checkpoint", out / "best.pt").returncode == 0
@@ -832,6 +832,20 @@ def test_export_metadata_round_trip(exported):
     assert len(state["dim_factors"]) == 4 and all(name in bv.FACTOR_NAMES for name, _ in state["dim_factors"])
     assert decoder.factors == state["dim_factors"]
     assert bv.factor_labels({}, model, cfg, torch.device("cpu")) == state["dim_factors"]  # an older checkpoint
+
+
+def test_export_measures_the_factor_labels_of_an_older_checkpoint(tiny_run, tmp_path):
+    """A checkpoint written before the labels existed (or saved by Ctrl-C in its first epoch) has none:
+    export.py measures them on the validation images, the same as training stores them."""
+    import onnx
+    out, _ = tiny_run
+    state = torch.load(out / "best.pt", weights_only=True)
+    stored = state.pop("dim_factors")
+    torch.save(state, tmp_path / "older.pt")
+    result = run_script("export.py", "--checkpoint", tmp_path / "older.pt")
+    assert result.returncode == 0, result.stderr
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "decoder.onnx")).metadata_props}
+    assert json.loads(props["dim_factors"]) == stored
 
 
 def test_infer_onnx_runs_without_torch(exported, no_torch_env, tmp_path):
