@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 # OpenMP's default busy-waiting made 2-thread torch 3-5x slower whenever other processes shared the cores
 # (docs/performance.md); passive waiting costs little on an idle machine. Must be set before torch loads.
@@ -142,24 +142,42 @@ DATASET_DEFAULTS = {
 
 def config_from_args(args) -> Config:
     """The Config of a command line: its flags, then the dataset's defaults for the flags not typed,
-    then Config's (the tutorial's) for the rest."""
+    then Config's (the tutorial's) for the rest; a --batch-size without --lr scales the default lr."""
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if f.name in vars(args)})
     for name, value in DATASET_DEFAULTS[cfg.dataset][0].items():
         if name not in args.given:
             setattr(cfg, name, value)
+    if "batch_size" in args.given and "lr" not in args.given and cfg.batch_size >= 1:
+        cfg.lr = scaled_lr(cfg)
     check_config(cfg)
     return cfg
+
+
+LR_RULE = "the square-root rule for Adam (Malladi et al. 2022; docs/training.md#large-batches)"
+
+
+def default_lr_batch(dataset: str) -> tuple[float, int]:
+    """(lr, batch size) of the dataset's defaults."""
+    defaults, tutorial = DATASET_DEFAULTS[dataset][0], Config()
+    return defaults.get("lr", tutorial.lr), defaults.get("batch_size", tutorial.batch_size)
+
+
+def scaled_lr(cfg: Config) -> float:
+    """The default lr at cfg's batch size: it grows with the square root of the batch, which keeps Adam's
+    update noise per image the same (LR_RULE)."""
+    lr, batch = default_lr_batch(cfg.dataset)
+    return lr * math.sqrt(cfg.batch_size / batch)
 
 
 def describe_defaults(cfg: Config, given: set[str]) -> Optional[str]:
     """One line naming the dataset defaults a run uses instead of the tutorial's, and why (None if none)."""
     defaults, why = DATASET_DEFAULTS[cfg.dataset]
     tutorial = Config()
-    used = [name for name in defaults if name not in given and getattr(cfg, name) != getattr(tutorial, name)]
+    used = [name for name in defaults if name not in given and defaults[name] != getattr(tutorial, name)]
     if not used:
         return None
     show = lambda value: f"{value:g}" if isinstance(value, float) else str(value)
-    ours = ", ".join(f"--{name.replace('_', '-')} {show(getattr(cfg, name))}" for name in used)
+    ours = ", ".join(f"--{name.replace('_', '-')} {show(defaults[name])}" for name in used)
     theirs = ", ".join(show(getattr(tutorial, name)) for name in used)
     return f"{cfg.dataset} defaults: {ours} (the tutorial's: {theirs}); {why}"
 
@@ -177,6 +195,8 @@ def check_config(cfg: Config) -> None:
         (cfg.val_size >= 1, "--val-size must be >= 1"),
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
         (cfg.workers >= -1, "--workers must be >= 0 (or -1 for automatic)"),
+        (cfg.dataset != "shapes" or cfg.workers <= 0, "the built-in shapes are rendered on the training device, "
+                                                       "without loader workers: --workers is for data read from files"),
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
         (cfg.free_bits >= 0, "--free-bits must be >= 0"),
@@ -230,25 +250,30 @@ RADIUS = 10.0  # circumradius in pixels of every shape at scale 1: any rotation 
 MARGIN = RADIUS + 1  # centres stay this far from the border, so no shape touches or leaves the frame
 
 
-def render_shapes(factors: torch.Tensor) -> torch.Tensor:
-    """Render (B, 5) integer factor classes as (B, 1, 64, 64) binary float images, all at once."""
-    factors = torch.as_tensor(factors, dtype=torch.long)
+def render_shapes(factors: torch.Tensor, device=None) -> torch.Tensor:
+    """Render (B, 5) integer factor classes as (B, 1, 64, 64) binary float images, all at once, on `device`
+    (default: the CPU). Bit for bit the same images on any device: each image's size, angle and centre are
+    computed on the CPU (cos and sin may round differently elsewhere), and the pixel work on the device
+    uses only +, -, *, / and comparisons, which IEEE 754 rounds the same everywhere."""
+    factors = torch.as_tensor(factors, dtype=torch.long).cpu()
     shape, scale_i, angle_i, x_i, y_i = factors.T.float()
     scale = 0.5 + 0.1 * scale_i                                  # 6 values, 0.5 to 1
     angle = 2 * math.pi * angle_i / FACTOR_SIZES[2]               # 40 values over a full turn
     centre_x = MARGIN + (IMAGE_SIZE - 2 * MARGIN) * x_i / (FACTOR_SIZES[3] - 1)
     centre_y = MARGIN + (IMAGE_SIZE - 2 * MARGIN) * y_i / (FACTOR_SIZES[4] - 1)
-    pixel = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel centres
-    dx = (pixel[None, None, :] - centre_x[:, None, None]) / (RADIUS * scale[:, None, None])
-    dy = (pixel[None, :, None] - centre_y[:, None, None]) / (RADIUS * scale[:, None, None])
-    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    # 6 numbers per image cross to the device, instead of 4,096 pixels
+    geometry = torch.stack([shape, centre_x, centre_y, RADIUS * scale, torch.cos(angle), torch.sin(angle)])
+    shape, centre_x, centre_y, size, cos, sin = geometry.to(device)[:, :, None, None]
+    pixel = torch.arange(IMAGE_SIZE, dtype=torch.float32, device=device) + 0.5  # pixel centres
+    dx = (pixel[None, None, :] - centre_x) / size
+    dy = (pixel[None, :, None] - centre_y) / size
     p, q = cos * dx + sin * dy, -sin * dx + cos * dy               # (B, 64, 64) rotated into the shape's frame
     square = (p.abs() <= 1 / math.sqrt(2)) & (q.abs() <= 1 / math.sqrt(2))
-    ellipse = p ** 2 + (q / 0.5) ** 2 <= 1
+    ellipse = p * p + (q / 0.5) * (q / 0.5) <= 1
     hx, hy = 1.25 * p, 0.25 - 1.25 * q                            # heart curve, centred on its circumcircle
-    heart = (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
-    kind = shape[:, None, None]  # 0 square, 1 ellipse, 2 heart
-    image = torch.where(kind == 0, square, torch.where(kind == 1, ellipse, heart))
+    curve = hx * hx + hy * hy - 1
+    heart = curve * curve * curve - hx * hx * (hy * hy * hy) <= 0
+    image = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))  # 0 square, 1 ellipse, 2 heart
     return image.float().unsqueeze(1)                             # (B, 1, 64, 64)
 
 
@@ -289,6 +314,14 @@ def split_validation(dataset: Dataset, val_size: int) -> tuple[Subset, Subset]:
     is_val[val_idx] = True
     train_idx = torch.nonzero(~is_val).squeeze(1)
     return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.sort().values.tolist())
+
+
+def base_items(data: Dataset) -> tuple[Dataset, np.ndarray]:
+    """(the dataset beneath (nested) Subsets, the indices there of data's items)."""
+    indices = np.arange(len(data))
+    while isinstance(data, Subset):
+        indices, data = np.asarray(data.indices)[indices], data.dataset
+    return data, indices
 
 
 def load_shapes(cfg: Config, download: bool):
@@ -344,10 +377,34 @@ class EpochBatches:
         return len(self.batches)
 
 
-def train_loader(train_set: Dataset, cfg: Config, device) -> tuple[DataLoader, EpochBatches, int]:
-    """(loader, its per-epoch batch sampler, worker count): one DataLoader whose workers live all run long.
-    It has its own generator, so the global RNG sees only the model's noise (exact resume)."""
+class RenderedBatches:
+    """The built-in shapes' training batches, rendered on the training device in a batch sampler's order:
+    no DataLoader, and on a GPU no pixels cross from the host (render_shapes: the same images anywhere)."""
+
+    def __init__(self, data: Dataset, batches: EpochBatches, device):
+        shapes, self.grid = base_items(data)  # the grid points behind the items of a (nested) Subset
+        self.factors, self.batches, self.device = shapes.factors, batches, device
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield render_shapes(self.factors(self.grid[batch]), self.device)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def drawn_on_device(data: Dataset) -> bool:
+    """Whether training renders the batches on its device: the built-in shapes."""
+    return isinstance(base_items(data)[0], Shapes)
+
+
+def train_loader(train_set: Dataset, cfg: Config, device) -> tuple[Iterable, EpochBatches, int]:
+    """(loader, its per-epoch batch sampler, worker count): the built-in shapes drawn on the device, or
+    one DataLoader whose workers live all run long. The loader has its own generator, so the global RNG
+    sees only the model's noise (exact resume)."""
     workers, batches = loader_workers(cfg), EpochBatches()
+    if drawn_on_device(train_set):
+        return RenderedBatches(train_set, batches, device), batches, workers
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     return loader, batches, workers
@@ -592,6 +649,11 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
+def adam(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Adam:
+    """The training's optimiser."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -672,10 +734,6 @@ def load_checkpoint(path, device="cpu") -> tuple[BetaVAE, Config]:
 # ----------------------------------------------------------------------------------------------------
 # Training.
 
-class NonFiniteLoss(Exception):
-    pass
-
-
 # what an epoch line, history.csv and TensorBoard report of the loss: the terms, then the KL's three parts
 LOGGED_TERMS = ("recon", "kl", "total", "mi", "tc", "dwkl")
 
@@ -692,13 +750,12 @@ def loss_settings(cfg: Config, beta: float, capacity, n_data: int) -> dict:
 
 
 def train_step(model, optimizer, x, cfg: Config, beta: float, capacity, n_data: int = 0) -> dict[str, torch.Tensor]:
-    """One Adam step on a batch; refuses to step on a NaN/inf loss so the weights stay good."""
+    """One Adam step on a batch. It does not look at the loss's value, which would make the host wait for
+    the device every step: train_epoch checks for NaN/inf every CHECK_EVERY steps instead."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         outputs = model(x)
     logits, mu, logvar, z = (t.float() for t in outputs)  # the loss's sums and exp in float32
     parts = loss_terms(logits, x, mu, logvar, z, **loss_settings(cfg, beta, capacity, n_data))
-    if not torch.isfinite(parts["total"]):
-        raise NonFiniteLoss
     optimizer.zero_grad(set_to_none=True)
     parts["total"].backward()
     if cfg.clip_grad:
@@ -738,9 +795,7 @@ def validate(model, loader, cfg: Config, beta: float, capacity, device, n_data: 
 def item_factors(data: Dataset) -> Optional[tuple[np.ndarray, tuple]]:
     """((N, K) factor classes of every item, the factor names) of a dataset with ground-truth factors, or of
     (nested) Subsets of one; None for data without factors."""
-    indices = np.arange(len(data))
-    while isinstance(data, Subset):
-        indices, data = np.asarray(data.indices)[indices], data.dataset
+    data, indices = base_items(data)
     return (data.factors(indices).numpy(), data.factor_names) if hasattr(data, "factors") else None
 
 
@@ -962,30 +1017,59 @@ def log_tensorboard(writer, row: dict) -> None:
     writer.add_scalar("speed/img_per_s", row["img_per_s"], row["epoch"])
 
 
+# steps between the moments the host waits for the device: to check the losses for NaN/inf and, under
+# torchrun, to agree on Ctrl-C (a GPU runs ahead of Python in between)
+CHECK_EVERY = 50
+
+
+def add_checked_steps(pending: list, run: dict) -> Optional[int]:
+    """Add the pending steps' (losses x images, images) to the run's sums in step order, with one wait for
+    the device; returns the epoch step number of the first non-finite loss (not added), else None."""
+    if not pending:
+        return None
+    values = torch.stack([terms for terms, _ in pending]).cpu()
+    for terms, (_, n) in zip(values, pending):
+        if not torch.isfinite(terms[LOGGED_TERMS.index("total")]):
+            return run["step"] + 1
+        run["sums"] += terms
+        run["seen"] += n
+        run["step"] += 1
+    pending.clear()
+    return None
+
+
+def check_steps(pending: list, run: dict, stop: StopOnCtrlC, epoch: int, cfg: Config, device) -> bool:
+    """Add the pending steps to the run; stop every process with one line on a NaN/inf loss (its weights
+    are never saved: last.pt keeps the last good epoch); True when any process had Ctrl-C."""
+    bad = add_checked_steps(pending, run)
+    bad_anywhere, stop.requested = agree_on(bad is not None, stop.requested, device=device)
+    if bad_anywhere:
+        where = f"step {bad}" if bad else "a step of another process"
+        raise UserError(f"the loss became NaN/inf at epoch {epoch} {where}; stopped. {cfg.out}/last.pt keeps "
+                        f"the last good epoch (try a lower --lr or --clip-grad)", code=1)
+    return stop.requested
+
+
 def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, capacity, n_data: int, run: dict,
                 stop: StopOnCtrlC, device) -> tuple[int, float]:
-    """Train on the epoch's remaining batches, adding the losses to `run`; stops early between steps
-    after Ctrl-C. Returns (images seen, seconds)."""
+    """Train on the epoch's remaining batches, adding the losses to `run` every CHECK_EVERY steps (on a GPU
+    the loop never waits for the device in between); stops early between steps after Ctrl-C (alone, at the
+    next step; under torchrun, at the next check). Returns (images seen, seconds)."""
     model.train()
-    fmt, tty = memory_format(device), sys.stdout.isatty()
-    t0, images, total_steps = time.perf_counter(), 0, run["step"] + len(loader)
+    fmt, tty, alone = memory_format(device), sys.stdout.isatty(), not torch.distributed.is_initialized()
+    t0, images, total_steps, pending = time.perf_counter(), 0, run["step"] + len(loader), []
     for x in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        try:
-            parts = train_step(model, optimizer, x, cfg, beta, capacity, n_data)
-        except NonFiniteLoss:
-            raise UserError(f"the loss became NaN/inf at epoch {epoch} step {run['step'] + 1}; stopped. "
-                            f"{cfg.out}/last.pt keeps the last good epoch (try a lower --lr or --clip-grad)", code=1)
-        run["sums"] += logged_terms(parts).cpu() * len(x)
-        run["seen"] += len(x)
-        run["step"] += 1
+        parts = train_step(model, optimizer, x, cfg, beta, capacity, n_data)
+        pending.append((logged_terms(parts) * len(x), len(x)))
         images += len(x)
-        if tty and run["step"] % 10 == 0:
-            print(f"\r  epoch {epoch}: {run['step']}/{total_steps} steps, "
+        if tty and (run["step"] + len(pending)) % 10 == 0:
+            print(f"\r  epoch {epoch}: {run['step'] + len(pending)}/{total_steps} steps, "
                   f"{images / (time.perf_counter() - t0):.0f} img/s", end="", flush=True)
-        if any_rank(stop.requested, device):
-            stop.requested = True
+        if (len(pending) == CHECK_EVERY or stop.requested and alone) and check_steps(pending, run, stop, epoch,
+                                                                                      cfg, device):
             break
+    check_steps(pending, run, stop, epoch, cfg, device)
     if tty:
         print("\r" + " " * 60 + "\r", end="")
     return images, time.perf_counter() - t0
@@ -1064,7 +1148,7 @@ def start_training(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, dev
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))
     if cfg.sync_bn:  # same parameters and state_dict keys: checkpoints load into a plain BetaVAE
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=cfg.lr_patience)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
@@ -1117,8 +1201,11 @@ def print_start(t: Training, workers: int, defaults_used: Optional[str], resumed
     if defaults_used:
         print(defaults_used)
     print(describe_loss(cfg, len(t.train_set)))
-    print(f"seed {cfg.seed} | {workers} loader workers | {cfg.epochs} epochs of {cfg.epoch_size or len(t.train_set):,} "
-          f"images, batch {cfg.batch_size}, lr {cfg.lr:g} | writing {t.out}" + (" (resumed)" if resumed else ""))
+    lr, batch = default_lr_batch(cfg.dataset)
+    scaled = f" (from {lr:g} at batch {batch}: {LR_RULE})" if cfg.lr == scaled_lr(cfg) and batch != cfg.batch_size else ""
+    data = f"shapes drawn on {t.device}" if drawn_on_device(t.train_set) else f"{workers} loader workers"
+    print(f"seed {cfg.seed} | {data} | {cfg.epochs} epochs of {cfg.epoch_size or len(t.train_set):,} images, batch "
+          f"{cfg.batch_size}, lr {cfg.lr:.3g}{scaled} | writing {t.out}" + (" (resumed)" if resumed else ""))
 
 
 def take_time(t: Training) -> float:
@@ -1218,7 +1305,7 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
             t.scheduler.step(val["total"])
             record_epoch(t, epoch_row(t, epoch, beta, capacity, val, val_share, images, seconds), val["total"],
                          previews)
-            if any_rank(stop.requested, device):
+            if agree_on(stop.requested, device=device)[0]:
                 raise UserError(f"interrupted after epoch {epoch}: saved {t.out / 'last.pt'}; continue with --resume",
                                 code=130)
     if t.writer is not None:
@@ -1545,6 +1632,9 @@ def add_measuring_commands(commands) -> None:
     add_config_flags(p, BENCH_FLAGS)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
+    p.add_argument("--options", action="store_true",
+                   help="also time each option of the training step (channels_last, fused Adam, --amp, --compile), "
+                        "alone and together, against the plain loop")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=bench)
 
@@ -2127,11 +2217,11 @@ def all_gather(value) -> list:
     return values
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True when `flag` is true on any rank: all of them must stop at the same step."""
+def agree_on(*flags: bool, device) -> list[bool]:
+    """Each flag, true when it is true on any rank (one all-reduce): all of them must stop at the same step."""
     if not torch.distributed.is_initialized():
-        return flag
-    return all_sum(torch.tensor([float(flag)], device=device)).item() > 0
+        return list(flags)
+    return [total > 0 for total in all_sum(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
 
 
 def broadcast_buffers(model: nn.Module) -> None:
@@ -2180,89 +2270,121 @@ def training_flops(step) -> int:
 def matmul_peak(device, n: int = 2048) -> float:
     """This device's achievable fp32 GFLOP/s: a large square matmul, median of 5 after warm-up."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def product():
         a @ b
-        sync()
+        synchronize(device)
     return 2 * n ** 3 / time_calls(product, 5) / 1e9
 
 
 BENCH_FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "arch", "objective", "tc_estimator", "recon", "workers", "channels", "amp", "compile", "device"]
 
 
+# bench --options: each option of the training step alone, then together, against the plain loop
+STEP_OPTIONS = {"plain loop": {}, "channels_last": {"channels_last": True}, "fused Adam": {"fused": True},
+                "--amp": {"amp": True}, "--compile": {"compile": True},
+                "channels_last, fused Adam, --amp": {"channels_last": True, "fused": True, "amp": True},
+                "all four": {"channels_last": True, "fused": True, "amp": True, "compile": True}}
+
+
+def step_loop(cfg: Config, device, x: torch.Tensor, n_data: int, steps: int, channels_last=False, fused=False,
+              amp=False, compile=False):
+    """A function running `steps` training steps of a fresh model on the batch x with the given options;
+    all off is the plain loop (NCHW, float32, eager, Adam's default implementation)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
+    trained, step_cfg, x = compiled(model) if compile else model, replace(cfg, amp=amp), x.contiguous(memory_format=fmt)
+    beta, capacity = schedule(cfg, cfg.epochs)
+
+    def run():
+        for _ in range(steps):
+            train_step(trained, optimizer, x, step_cfg, beta, capacity, n_data)
+        synchronize(device)
+    return run
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (timings on a GPU must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_in_turns(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call over `repeats` rounds that run every call once in turn (after three
+    warm-up rounds), so the drift of a shared machine falls on all of them alike."""
+    times = {name: [] for name in calls}
+    for round_ in range(3 + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def bench(args) -> None:
     """Images per second on this device: the data loader alone, the full training step (data included),
-    the bare model step on data already in memory, the encoder and the decoder; medians of --repeats."""
+    the bare model step on data already in memory, the plain loop of the same model, the encoder and the
+    decoder; with --options, each option of the step against the plain loop. Medians of --repeats."""
     cfg = config_from_args(args)
     device = pick_device(cfg.device)
     train_set, _ = make_datasets(cfg)
     loader, batches, workers = train_loader(train_set, cfg, device)
-    fmt, steps = memory_format(device), args.steps
-    model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    fmt, steps, n_data = memory_format(device), args.steps, len(train_set)
+    x = torch.stack([train_set[i % n_data] for i in range(cfg.batch_size)]).to(device)
     order = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def data(step_fn=None):
-        batches.batches = [torch.randint(len(train_set), (cfg.batch_size,), generator=order).tolist()
+        batches.batches = [torch.randint(n_data, (cfg.batch_size,), generator=order).tolist()
                            for _ in range(steps)]
-        for x in loader:
+        for batch in loader:
             if step_fn:
-                step_fn(x.to(device, non_blocking=True).contiguous(memory_format=fmt))
-        sync()
+                step_fn(batch.to(device, non_blocking=True).contiguous(memory_format=fmt))
+        synchronize(device)
 
-    x = torch.stack([train_set[i % len(train_set)] for i in range(cfg.batch_size)])
-    x = x.to(device).contiguous(memory_format=fmt)
-    beta, capacity = schedule(cfg, cfg.epochs)
-
-    trained = compiled(model) if cfg.compile else model
+    # the training step as `train` runs it: channels_last on CPU and CUDA, --amp and --compile as given
+    model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
+    optimizer, trained, beta, capacity = adam(model, cfg, device), compiled(model) if cfg.compile else model, \
+        *schedule(cfg, cfg.epochs)
+    x_train = x.contiguous(memory_format=fmt)
 
     def step(batch):
-        train_step(trained, optimizer, batch, cfg, beta, capacity, len(train_set))
+        train_step(trained, optimizer, batch, cfg, beta, capacity, n_data)
 
     def model_steps():
         for _ in range(steps):
-            step(x)
-        sync()
+            step(x_train)
+        synchronize(device)
 
-    # the yardstick: the same model, loss and optimiser in a plain loop (NCHW, float32, eager)
-    plain, plain_cfg, x_plain = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device), replace(cfg, amp=False), x.contiguous()
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=cfg.lr)
-
-    def plain_steps():
-        for _ in range(steps):
-            train_step(plain, plain_optimizer, x_plain, plain_cfg, beta, capacity, len(train_set))
-        sync()
-
-    big = x.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256]
-    z = torch.randn(256, cfg.latent_dim, device=device)
+    seconds = time_in_turns({"data loader": data, "train step, data included": lambda: data(step),
+                             "train step, data in memory": model_steps,
+                             "plain loop, data in memory": step_loop(cfg, device, x, n_data, steps)}, args.repeats)
+    big, z = x_train.repeat(256 // cfg.batch_size + 1, 1, 1, 1)[:256], torch.randn(256, cfg.latent_dim, device=device)
 
     @torch.no_grad()
     def encode_decode(part):
         for _ in range(steps):
             model.encode(big) if part == "encoder" else model.decode(z)
-        sync()
+        synchronize(device)
 
-    per_call = steps * cfg.batch_size
-    seconds = {"data loader": time_calls(data, args.repeats),
-               "train step, data included": time_calls(lambda: data(step), args.repeats),
-               "train step, data in memory": time_calls(model_steps, args.repeats),
-               "plain loop, data in memory": time_calls(plain_steps, args.repeats)}
     model.eval()
-    seconds["encoder (eval, batch 256)"] = time_calls(lambda: encode_decode("encoder"), args.repeats)
-    seconds["decoder (eval, batch 256)"] = time_calls(lambda: encode_decode("decoder"), args.repeats)
-    rates = {name: (256 * steps if "256" in name else per_call) / s for name, s in seconds.items()}
+    seconds.update(time_in_turns({"encoder (eval, batch 256)": lambda: encode_decode("encoder"),
+                                  "decoder (eval, batch 256)": lambda: encode_decode("decoder")}, args.repeats))
     model.train()
-    step_flops = training_flops(lambda: train_step(model, optimizer, x, cfg, beta, capacity, len(train_set)))  # eager: countable
+    options = time_in_turns({name: step_loop(cfg, device, x, n_data, steps, **flags)
+                             for name, flags in STEP_OPTIONS.items()}, args.repeats) if args.options else {}
+    rates = {name: (256 * steps if "256" in name else steps * cfg.batch_size) / s for name, s in seconds.items()}
+    step_flops = training_flops(lambda: train_step(model, optimizer, x_train, cfg, beta, capacity, n_data))  # eager: countable
     report_bench(args, cfg, device, workers, rates, step_flops,
-                 step_flops * steps / seconds["train step, data in memory"] / 1e9)
+                 step_flops * steps / seconds["train step, data in memory"] / 1e9,
+                 {name: steps * cfg.batch_size / s for name, s in options.items()})
 
 
 def report_bench(args, cfg: Config, device, workers: int, rates: dict[str, float], step_flops: int,
-                 achieved: float) -> None:
-    """bench's table: the rates, their ratios and the achieved GFLOP/s against the device's matmul peak;
-    with --json also a file."""
+                 achieved: float, option_rates: dict[str, float]) -> None:
+    """bench's table: the rates, their ratios and the achieved GFLOP/s against the device's matmul peak,
+    then each option's rate against the plain loop; with --json also a file."""
     peak = matmul_peak(device)
     options = "".join(f", --{name}" for name in ("amp", "compile") if getattr(cfg, name))
     print(f"betavae {__version__} bench | {device} | {cfg.dataset}, {cfg.arch} network, batch {cfg.batch_size}{options}, "
@@ -2274,10 +2396,15 @@ def report_bench(args, cfg: Config, device, workers: int, rates: dict[str, float
     print(f"{'full step / plain loop':>28}  {rates['train step, data included'] / rates['plain loop, data in memory']:10.2f} x")
     print(f"{'model step':>28}  {achieved:10.1f} GFLOP/s ({step_flops / cfg.batch_size / 1e9:.2f} GFLOP per image), "
           f"{achieved / peak:.0%} of this device's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+    if option_rates:
+        print("the training step's options, data in memory, against the plain loop of this run's model:")
+    for name, rate in option_rates.items():
+        print(f"{name:>34}  {rate:10,.0f} img/s  {rate / option_rates['plain loop']:5.2f} x")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "dataset": cfg.dataset, "arch": cfg.arch,
                                                "workers": workers, "batch_size": cfg.batch_size, "amp": cfg.amp,
-                                               "compile": cfg.compile, "img_per_s": rates, "gflop_per_s": achieved,
+                                               "compile": cfg.compile, "img_per_s": rates, "options_img_per_s": option_rates,
+                                               "gflop_per_s": achieved,
                                                "matmul_peak_gflop_per_s": peak}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
@@ -2314,6 +2441,9 @@ STUDY_VARIANTS.update({
     "recipe-tc-beta4-mse": f"{RECIPE} --objective tc --beta 4 --recon mse",
     **{f"recipe-tc-beta4-lr{lr}": f"{RECIPE} --objective tc --beta 4 --lr {lr}" for lr in ("1e-4", "1e-3")},
     "recipe-tc-beta4-batch256": f"{RECIPE} --objective tc --beta 4 --batch-size 256",
+    # large batches with the lr of the square-root rule (what --batch-size alone gives: LR_RULE)
+    **{f"recipe-tc-beta4-batch{b}-sqrt-lr": f"{RECIPE} --objective tc --beta 4 --batch-size {b} --lr {lr}"
+       for b, lr in ((256, "1e-3"), (512, "1.41e-3"))},
     "recipe-tc-beta4-amp": f"{RECIPE} --objective tc --beta 4 --amp",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",

@@ -5,10 +5,12 @@
     python export.py --checkpoint runs/shapes-beta4/best.pt --bench        # onnxruntime vs PyTorch speed
 
 decoder.onnx maps z (N, latent_dim) float32 to image (N, C, 64, 64) in [0, 1]; encoder.onnx maps image to
-mu and logvar, with no random ops. Both carry betavae's metadata, so infer_onnx.py needs nothing else.
+mu and logvar, with no random ops. Both carry betavae's metadata, so infer_onnx.py needs nothing else;
+encoder.onnx also carries 16 validation images, where `infer_onnx.py explore` starts.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -18,7 +20,7 @@ import onnx
 import torch
 
 import betavae as bv
-from infer_onnx import Decoder, Parser, UserError, decoder_speed, open_model, report_errors, speed_table
+from infer_onnx import Decoder, Parser, UserError, decoder_speed, open_model, png_bytes, report_errors, speed_table
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| allowed on outputs in [0, 1] or codes
 
@@ -42,6 +44,21 @@ def metadata(cfg: bv.Config, state: dict, ranking: list[tuple[int, float]], fact
             "dims_by_kl": json.dumps([[d, round(kl, 6)] for d, kl in ranking]),
             "beta": str(cfg.beta), "dataset": cfg.dataset, "recon": cfg.recon,
             "epoch": str(state["run"]["epoch"])}
+
+
+EXAMPLES = 16  # validation images stored in encoder.onnx, for infer_onnx.py explore's "next example"
+
+
+def example_images(cfg: bv.Config) -> dict[str, str]:
+    """{"examples": JSON list of base64 PNGs} of EXAMPLES validation images; nothing, with a note, when the
+    checkpoint's dataset cannot be read here."""
+    try:
+        _, val_set = bv.make_datasets(cfg)
+    except bv.UserError as e:
+        print(f"note: no example images in encoder.onnx ({e})")
+        return {}
+    images = bv.preview_images(val_set, EXAMPLES).numpy()
+    return {"examples": json.dumps([base64.b64encode(png_bytes(image)).decode() for image in images])}
 
 
 def add_metadata(path: Path, props: dict[str, str]) -> None:
@@ -111,7 +128,7 @@ def run(args) -> None:
            props=metadata(cfg, state, ranking, factors, "decoder"), opset=args.opset)
     if args.encoder:
         export(model.encoder, images, out.parent / "encoder.onnx", input_name="image", output_names=["mu", "logvar"],
-               props=metadata(cfg, state, ranking, factors, "encoder"), opset=args.opset)
+               props={**metadata(cfg, state, ranking, factors, "encoder"), **example_images(cfg)}, opset=args.opset)
     if args.bench:
         decoder = Decoder(out)
         with torch.no_grad():

@@ -5,6 +5,7 @@
     python infer_onnx.py traverse --model decoder.onnx --encoder encoder.onnx --image x.png
     python infer_onnx.py interpolate --model decoder.onnx --encoder encoder.onnx --images a.png b.png
     python infer_onnx.py bench --model runs/shapes-beta4/decoder.onnx
+    python infer_onnx.py explore --model decoder.onnx --encoder encoder.onnx   # sliders in the browser
 
 `export.py` writes decoder.onnx (z -> image) and encoder.onnx (image -> mu, logvar) with betavae's metadata
 (latent size, image size, the latent dims ranked by KL). The picture helpers below are torch-free, so
@@ -13,11 +14,16 @@ betavae.py draws its figures with them too: both tools make the same pictures.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
+import math
 import statistics
 import sys
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -94,14 +100,15 @@ def save_figure(image: Image.Image, path: Path, what: str) -> None:
     print(f"wrote {what}: {path}")
 
 
-def read_image(path, channels: int, size: int) -> np.ndarray:
-    """An image file as a (1, C, size, size) float32 array in [0, 1]; other sizes and colour modes are
-    centre-cropped, resized and converted, and the user is told."""
+def read_image(path, channels: int, size: int, name=None) -> np.ndarray:
+    """An image file (a path, or a file object called `name`) as a (1, C, size, size) float32 array in
+    [0, 1]; other sizes and colour modes are centre-cropped, resized and converted, and the user is told."""
+    name = name or path
     try:
         image = Image.open(path)
         image.load()
-    except OSError as e:  # missing, unreadable, or not an image at all
-        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})")
+    except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, not an image, or a bomb
+        raise UserError(f"cannot read {name} as an image ({e.__class__.__name__})")
     mode, changes = ("L" if channels == 1 else "RGB"), []
     if image.mode != mode:
         changes.append(f"converted {image.mode} to {mode}")
@@ -113,7 +120,7 @@ def read_image(path, channels: int, size: int) -> np.ndarray:
         image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
         image = image.resize((size, size), Image.BILINEAR)
     if changes:
-        print(f"note: {path}: {', '.join(changes)}")
+        print(f"note: {name}: {', '.join(changes)}")
     array = np.asarray(image, dtype=np.float32) / 255
     return array.reshape(size, size, channels).transpose(2, 0, 1)[None]
 
@@ -261,11 +268,15 @@ class Decoder:
 
 
 class Encoder:
-    """encoder.onnx: images (N, C, H, W) -> posterior means mu (N, latent_dim)."""
+    """encoder.onnx: images (N, C, H, W) -> posterior means mu (N, latent_dim); `examples`, the validation
+    images export.py stored beside it, (N, C, H, W) (none for older exports)."""
 
     def __init__(self, path, decoder: Decoder, device="cpu", threads=0):
         self.session = open_model(path, device, threads)
         self.input = self.session.get_inputs()[0].name
+        stored = json.loads(self.session.get_modelmeta().custom_metadata_map.get("examples", "[]"))
+        self.examples = [read_image(io.BytesIO(base64.b64decode(png)), decoder.channels, decoder.size,
+                                    name=f"example {i} of {path}")[0] for i, png in enumerate(stored)]
         shape = self.session.get_inputs()[0].shape[1:]
         expected = [decoder.channels, decoder.size, decoder.size]
         if shape != expected:
@@ -363,12 +374,308 @@ def speed_table(results: dict[str, dict[int, float]]) -> str:
 
 
 def bench(args) -> None:
-    """Decoder latency at batch 1 and throughput at batches 64 and 256 (medians of --repeats calls)."""
+    """Decoder latency at batch 1 and throughput at batches 64 and 256, and the explorer's work for one
+    slider move: decode at batch 1 and write the PNG (medians of --repeats calls)."""
     decoder, _ = load_models(args)
     results = {f"onnxruntime {args.device}": decoder_speed(decoder, decoder.latent_dim, args.repeats)}
     print(f"{args.model}: latent {decoder.latent_dim}, {decoder.channels}x{decoder.size}x{decoder.size} images, "
           f"median of {args.repeats} calls")
     print(speed_table(results))
+    z = np.zeros((1, decoder.latent_dim), np.float32)
+    update = time_calls(lambda: png_bytes(decoder(z)[0]), args.repeats)
+    print(f"{'explorer update':>22}{update * 1e3:>15.2f} ms  (decode at batch 1 + PNG, without HTTP)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# explore: a local web page with one slider per active latent dim; the server decodes each position.
+# The standard library's HTTP server and onnxruntime, nothing else. It serves its page and three
+# endpoints, never a file from disk, and checks every request: a bad one gets a 400 with one line.
+
+Z_LIMIT = 10.0  # |z| the server decodes: the prior puts 1.5e-23 of each coordinate beyond; sliders span --range
+MAX_UPLOAD = 4 * 2 ** 20  # bytes of an uploaded image (413 above)
+MAX_JSON = 64 * 2 ** 10  # bytes of a decode request: 10,000 numbers fit
+
+
+class BadRequest(Exception):
+    """A request the explorer refuses: an HTTP status and one line for the page."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One (C, H, W) image in [0, 1] as PNG bytes, rounded as image_grid rounds."""
+    array = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array[0] if len(array) == 1 else array.transpose(1, 2, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def parse_code(body: bytes, latent_dim: int) -> np.ndarray:
+    """A decode request's JSON {"z": [latent_dim finite numbers within +-Z_LIMIT]} as (1, latent_dim)."""
+    try:
+        z = json.loads(body)["z"]
+    except (ValueError, TypeError, KeyError):
+        raise BadRequest('send JSON {"z": [numbers]}')
+    if not isinstance(z, list) or len(z) != latent_dim:
+        raise BadRequest(f"z must hold exactly {latent_dim} numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in z):
+        raise BadRequest("z must hold finite numbers only")
+    if max(abs(v) for v in z) > Z_LIMIT:
+        raise BadRequest(f"z must lie within -{Z_LIMIT:g} to {Z_LIMIT:g}")
+    return np.array([z], dtype=np.float32)
+
+
+class Explorer:
+    """What the explorer's server does, without HTTP: the page's facts, decoding, encoding."""
+
+    def __init__(self, decoder: Decoder, encoder: Encoder | None, limit: float):
+        self.decoder, self.encoder = decoder, encoder
+        shown = [pair for pair in decoder.ranking if pair[1] is None or pair[1] > 0.01] or decoder.ranking
+        labels, _ = traversal_labels(shown, np.zeros(0), decoder.factors)  # as the traversal labels its rows
+        self.info = {"latent_dim": decoder.latent_dim, "range": limit, "z_limit": Z_LIMIT,
+                     "size": decoder.size, "channels": decoder.channels, "encoder": encoder is not None,
+                     "examples": len(encoder.examples) if encoder else 0, "max_upload": MAX_UPLOAD,
+                     "sliders": [{"dim": d, "label": label.split("\n")} for (d, _), label in zip(shown, labels)]}
+
+    def decode(self, body: bytes) -> bytes:
+        """POST /decode: the PNG of the decoded code."""
+        return png_bytes(self.decoder(parse_code(body, self.decoder.latent_dim))[0])
+
+    def encode(self, body: bytes) -> dict:
+        """POST /encode: an uploaded image's code mu, and the image as the model sees it."""
+        if not body:
+            raise BadRequest("send the image file as the request body")
+        try:
+            x = read_image(io.BytesIO(body), self.decoder.channels, self.decoder.size, name="the upload")
+        except UserError as e:
+            raise BadRequest(str(e))
+        return self.code_of(x[0])
+
+    def example(self, query: str) -> dict:
+        """GET /example?i=N: the code mu of stored example N, and the example."""
+        examples = self.encoder.examples if self.encoder else []
+        try:
+            i = int(parse_qs(query)["i"][0])
+        except (KeyError, ValueError):
+            raise BadRequest("ask for /example?i=N")
+        if not 0 <= i < len(examples):
+            raise BadRequest(f"this model has {len(examples)} examples: i must be 0 to {len(examples) - 1}")
+        return self.code_of(examples[i])
+
+    def code_of(self, image: np.ndarray) -> dict:
+        if self.encoder is None:
+            raise BadRequest("this explorer has no encoder: start it with --encoder encoder.onnx")
+        z = np.clip(self.encoder(image[None])[0], -Z_LIMIT, Z_LIMIT)
+        return {"z": [float(v) for v in z], "image": data_url(image)}
+
+
+def explorer_handler(explorer: Explorer, page: bytes, log: bool):
+    """The request handler class of one explorer: its page, /info, /example, /decode and /encode."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            url = urlsplit(self.path)
+            routes = {"/": lambda: (page, "text/html; charset=utf-8"),
+                      "/info": lambda: (json.dumps(explorer.info).encode(), "application/json"),
+                      "/example": lambda: (json.dumps(explorer.example(url.query)).encode(), "application/json")}
+            self.answer(routes.get(url.path))
+
+        def do_POST(self):
+            routes = {"/decode": lambda: (explorer.decode(self.body(MAX_JSON)), "image/png"),
+                      "/encode": lambda: (json.dumps(explorer.encode(self.body(MAX_UPLOAD))).encode(),
+                                          "application/json")}
+            self.answer(routes.get(urlsplit(self.path).path))
+
+        def body(self, limit: int) -> bytes:
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise BadRequest("the request needs a Content-Length", 411)
+            if not 0 <= length <= limit:
+                raise BadRequest(f"the request body is over {limit:,} bytes", 413)
+            return self.rfile.read(length)
+
+        def answer(self, route) -> None:
+            start = time.perf_counter()
+            try:
+                if route is None:
+                    raise BadRequest(f"no such page: {urlsplit(self.path).path[:80]}", 404)
+                content, kind, status = *route(), 200
+            except BadRequest as e:
+                content, kind, status = (str(e) + "\n").encode(), "text/plain; charset=utf-8", e.status
+                self.close_connection = True  # an unread body must not be taken for the next request
+            except Exception as e:  # a failure of ours: the page gets one line and the server keeps serving
+                content, kind, status = f"internal error: {e}\n".encode(), "text/plain; charset=utf-8", 500
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(content)
+            if log or status != 200:
+                print(f"{self.command} {urlsplit(self.path).path[:80]} {status} "
+                      f"{(time.perf_counter() - start) * 1e3:.1f} ms", flush=True)
+
+        def log_message(self, *args):  # the lines above replace http.server's own log
+            pass
+
+    return Handler
+
+
+def explore(args) -> None:
+    """Serve a page with one slider per active latent dim, decoding every move with the ONNX decoder."""
+    if args.range <= 0 or args.range > Z_LIMIT:
+        raise UserError(f"--range must be > 0 and <= {Z_LIMIT:g}")
+    decoder, encoder = load_models(args)
+    explorer = Explorer(decoder, encoder, args.range)
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), explorer_handler(explorer, EXPLORER_PAGE.encode(), args.log))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
+    server.daemon_threads = True  # Ctrl-C does not wait for open connections
+    host, port = server.server_address[:2]
+    reach = "this machine only; --host 0.0.0.0 shares it with your network" if args.host in ("127.0.0.1", "localhost") \
+        else "reachable from other machines: anyone who can reach this port can use it"
+    print(f"explorer: {len(explorer.info['sliders'])} sliders of {decoder.latent_dim} latent dims"
+          f"{', with an encoder' if encoder else ''} | serving http://{host}:{port}/ ({reach}) | Ctrl-C stops it",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("explorer stopped")
+    finally:
+        server.server_close()
+
+
+EXPLORER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>betavae explorer</title>
+<style>
+  body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
+  main { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
+  .images { display: flex; gap: 16px; }
+  figure { margin: 0; text-align: center; }
+  img { width: 192px; height: 192px; image-rendering: pixelated; border: 1px solid #ccc; background: #fff; }
+  #sliders { display: grid; grid-template-columns: max-content 260px 4em; gap: 6px 12px; align-items: center; }
+  .label small { color: #777; display: block; }
+  button, label.upload { margin: 8px 8px 0 0; padding: 6px 12px; font: inherit; cursor: pointer;
+                         border: 1px solid #888; border-radius: 4px; background: #f4f4f4; }
+  label.upload input { display: none; }
+  #status { color: #555; min-height: 1.4em; } #status.error { color: #b00; }
+</style></head>
+<body>
+<h1>betavae explorer</h1>
+<main>
+  <div class="images">
+    <figure id="input-figure" hidden><img id="input" alt="input image"><figcaption>input</figcaption></figure>
+    <figure><img id="decoded" alt="decoded image"><figcaption>decoded</figcaption></figure>
+  </div>
+  <div>
+    <div id="sliders"></div>
+    <div>
+      <button id="random">random z</button><button id="reset">reset to 0</button>
+      <span id="encoder-buttons" hidden><button id="example">next example</button>
+      <label class="upload">upload an image<input type="file" id="upload" accept="image/*"></label></span>
+    </div>
+    <p id="status"></p>
+  </div>
+</main>
+<script>
+// state.z is the whole code; a slider moves one active dim. At most one decode request is in flight: a
+// move made meanwhile is sent when it returns, the newest position only, so the image never lags behind.
+const state = { info: null, z: [], inFlight: false, queued: false, shownZ: null, example: -1 };
+const $ = (id) => document.getElementById(id);
+
+function say(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+async function fail(response) { throw new Error((await response.text()).trim() || response.statusText); }
+
+function setCode(z, inputImage = null) {
+  state.z = z.map((v) => Math.max(-state.info.z_limit, Math.min(state.info.z_limit, v)));
+  for (const s of state.info.sliders) {
+    $("dim" + s.dim).value = state.z[s.dim];
+    $("value" + s.dim).textContent = state.z[s.dim].toFixed(2);
+  }
+  $("input-figure").hidden = inputImage === null;
+  if (inputImage) $("input").src = inputImage;
+  decode();
+}
+
+function decode() {
+  if (state.inFlight) { state.queued = true; return; }
+  state.inFlight = true;
+  const z = state.z.slice(), started = performance.now();
+  fetch("/decode", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ z }) })
+    .then((r) => (r.ok ? r.blob() : fail(r)))
+    .then((blob) => new Promise((done) => { const f = new FileReader(); f.onload = () => done(f.result); f.readAsDataURL(blob); }))
+    .then((url) => {
+      $("decoded").src = url;
+      state.shownZ = z;
+      say(`decoded in ${(performance.now() - started).toFixed(0)} ms`);
+    })
+    .catch((e) => say(e.message, true))
+    .finally(() => {
+      state.inFlight = false;
+      if (state.queued) { state.queued = false; decode(); }
+    });
+}
+
+async function fromServer(path, options) {
+  try {
+    const r = await fetch(path, options);
+    const answer = r.ok ? await r.json() : await fail(r);
+    setCode(answer.z, answer.image);
+  } catch (e) { say(e.message, true); }
+}
+
+function gaussian() { return Math.sqrt(-2 * Math.log(1 - Math.random())) * Math.cos(2 * Math.PI * Math.random()); }
+
+async function start() {
+  state.info = await (await fetch("/info")).json();
+  const { range, latent_dim, sliders } = state.info;
+  for (const s of sliders) {
+    const label = document.createElement("div");
+    label.className = "label";
+    label.innerHTML = `<span></span><small></small>`;
+    label.firstChild.textContent = s.label[0];
+    label.lastChild.textContent = s.label[1] || "";
+    const slider = Object.assign(document.createElement("input"),
+      { type: "range", id: "dim" + s.dim, min: -range, max: range, step: 0.01, value: 0 });
+    slider.addEventListener("input", () => {
+      state.z[s.dim] = Number(slider.value);
+      $("value" + s.dim).textContent = state.z[s.dim].toFixed(2);
+      decode();
+    });
+    const value = Object.assign(document.createElement("span"), { id: "value" + s.dim, textContent: "0.00" });
+    $("sliders").append(label, slider, value);
+  }
+  $("random").onclick = () => setCode(Array.from({ length: latent_dim }, gaussian));
+  $("reset").onclick = () => setCode(new Array(latent_dim).fill(0));
+  $("encoder-buttons").hidden = !state.info.encoder;
+  $("example").disabled = state.info.examples === 0;
+  $("example").onclick = () => {
+    state.example = (state.example + 1) % state.info.examples;
+    fromServer(`/example?i=${state.example}`);
+  };
+  $("upload").onchange = () => {
+    const file = $("upload").files[0];
+    if (!file) return;
+    if (file.size > state.info.max_upload) { say(`${file.name} is over ${state.info.max_upload} bytes`, true); return; }
+    fromServer("/encode", { method: "POST", body: file });
+    $("upload").value = "";
+  };
+  if (state.info.examples > 0) $("example").onclick(); else setCode(new Array(latent_dim).fill(0));
+}
+window.explorer = state;
+start();
+</script>
+</body></html>
+"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,6 +723,15 @@ def build_parser() -> Parser:
     p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
     p.add_argument("--out", default="interpolate.png", help="PNG to write (default: interpolate.png)")
     p.set_defaults(func=interpolate)
+
+    p = commands.add_parser("explore", parents=[common], help="a local web page: drag the latent dims, see the image",
+                            description=explore.__doc__)
+    p.add_argument("--encoder", help="encoder.onnx written by export.py --encoder: start from an example or an upload")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--range", type=float, default=3.0, help="each slider spans -range to +range (default: 3)")
+    p.add_argument("--log", action="store_true", help="print every request with its time")
+    p.set_defaults(func=explore)
 
     p = commands.add_parser("bench", parents=[common], help="decoder latency and throughput", description=bench.__doc__)
     p.add_argument("--repeats", type=int, default=50, help="timed calls per batch size (default: 50)")

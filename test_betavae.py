@@ -46,6 +46,12 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def read_rows(path, *columns):
+    """The given columns of every row of a CSV file, as strings."""
+    with open(path, newline="") as f:
+        return [tuple(row[c] for c in columns) for row in csv.DictReader(f)]
+
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -322,6 +328,25 @@ def test_renderer_is_deterministic_and_binary():
     assert (a.flatten(1).sum(1) > 0).all()  # every shape is visible
 
 
+def test_training_batches_are_rendered_on_the_device_as_the_dataset_renders_them():
+    # the training path (RenderedBatches: sampler indices -> grid points of the split -> device render)
+    # must give exactly the dataset's own items, in the sampler's order
+    train_set, _ = bv.split_validation(bv.Shapes(), 1000)
+    order = bv.epoch_batches(train_set, bv.Config(batch_size=64, epoch_size=256), torch.Generator().manual_seed(3))
+    batches = bv.EpochBatches()
+    batches.batches = order
+    rendered = list(bv.RenderedBatches(train_set, batches, torch.device("cpu")))
+    assert len(rendered) == 4
+    for batch, images in zip(order, rendered):
+        assert torch.equal(images, torch.stack([train_set[i] for i in batch]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by .ci/gpu)")
+def test_shapes_render_bit_for_bit_the_same_on_cuda():
+    factors = bv.Shapes().factors(torch.randperm(737_280, generator=torch.Generator().manual_seed(0))[:50_000])
+    assert torch.equal(bv.render_shapes(factors, "cuda").cpu(), bv.render_shapes(factors))
+
+
 def test_position_moves_the_centroid_monotonically():
     xs = [centroid(render(x=i))[0] for i in range(32)]
     ys = [centroid(render(y=i))[1] for i in range(32)]
@@ -467,24 +492,79 @@ def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def nan_at_training_step(monkeypatch, n: int, then=None):
+    """Make the n-th training step's loss NaN (and call `then` right after it)."""
     calls, real_terms = [], bv.loss_terms
 
-    def nan_in_epoch_two(*args, **kwargs):
+    def poisoned(*args, **kwargs):
         parts = real_terms(*args, **kwargs)
         if torch.is_grad_enabled():  # training steps only
             calls.append(1)
-            if len(calls) == 4:
+            if len(calls) == n:
                 parts["total"] = parts["total"] * float("nan")
+                if then:
+                    then()
         return parts
+    monkeypatch.setattr(bv, "loss_terms", poisoned)
 
-    monkeypatch.setattr(bv, "loss_terms", nan_in_epoch_two)
-    assert train_in_process(tmp_path / "run", "--epochs", "3") == 1
+
+def assert_stopped_on_nan_keeping_epoch_one(out, capsys, where, before=()):
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "NaN" in err[0] and "epoch 2 step 1" in err[0]
-    state = torch.load(tmp_path / "run/last.pt", weights_only=True)
-    assert state["run"]["epoch"] == 1
+    assert len(err) == len(before) + 1 and "NaN" in err[-1] and where in err[-1], err
+    assert all(line in said for line, said in zip(before, err))
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["run"]["epoch"] == 1 and state["run"]["step"] == 0
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    nan_at_training_step(monkeypatch, 4)  # the first step of epoch 2 (3 steps per epoch)
+    assert train_in_process(tmp_path / "run", "--epochs", "3") == 1
+    assert_stopped_on_nan_keeping_epoch_one(tmp_path / "run", capsys, "epoch 2 step 1")
+
+
+def test_nan_mid_epoch_is_caught_at_the_next_check_and_never_saved(tmp_path, monkeypatch, capsys):
+    # 6 steps per epoch, checked every 2: a NaN at step 3 of epoch 2 is seen at step 4, after the weights
+    # took two poisoned Adam steps; they must never reach a checkpoint, and the message names step 3
+    monkeypatch.setattr(bv, "CHECK_EVERY", 2)
+    nan_at_training_step(monkeypatch, 9)
+    assert train_in_process(tmp_path / "run", "--epochs", "3", "--batch-size", "8") == 1
+    assert_stopped_on_nan_keeping_epoch_one(tmp_path / "run", capsys, "epoch 2 step 3")
+    # Ctrl-C right after the poisoned step: the save it asks for must not write the poisoned weights
+    monkeypatch.setattr(bv, "CHECK_EVERY", 50)
+    nan_at_training_step(monkeypatch, 9, then=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert train_in_process(tmp_path / "ctrl-c", "--epochs", "3", "--batch-size", "8") == 1
+    assert_stopped_on_nan_keeping_epoch_one(tmp_path / "ctrl-c", capsys, "epoch 2 step 3", before=["Ctrl-C"])
+
+
+def test_checking_every_step_or_every_50_trains_the_same(tmp_path, monkeypatch):
+    histories = []
+    for every in (1, 50):
+        monkeypatch.setattr(bv, "CHECK_EVERY", every)
+        assert train_in_process(tmp_path / f"every{every}", "--epochs", "2", "--batch-size", "8") == 0
+        histories.append(read_rows(tmp_path / f"every{every}/history.csv", "train_total", "train_tc", "val_total"))
+    assert histories[0] == histories[1]  # the same sums, added in the same order
+    assert_same_weights(weights(tmp_path / "every1/last.pt"), weights(tmp_path / "every50/last.pt"))
+
+
+def test_under_a_process_group_ctrl_c_is_agreed_at_checks_not_every_step(tmp_path, monkeypatch):
+    # a one-process gloo group takes the torchrun code path: Ctrl-C at step 3 stops at the check of step 4
+    monkeypatch.setattr(bv, "CHECK_EVERY", 4)
+    agreements, real_agree = [], bv.agree_on
+    monkeypatch.setattr(bv, "agree_on", lambda *flags, device: agreements.append(1) or real_agree(*flags, device=device))
+    calls, real_step = [], bv.train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(bv, "train_step", step_then_ctrl_c)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    assert train_in_process(tmp_path / "run", "--epochs", "2", "--batch-size", "8") == 130
+    assert not torch.distributed.is_initialized()  # train() leaves the group it found closed, as under torchrun
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["run"]["step"] == 4 and len(calls) == 4
+    assert len(agreements) == 2  # the check at step 4, and the end of the loop; not one per step
 
 
 def test_tensorboard_logs_or_says_what_is_missing(tmp_path):
@@ -559,6 +639,7 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--objective", "tc", "--free-bits", "0.5"], "no meaning with --objective tc"),
     (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
+    (["--workers", "2"], "rendered on the training device"),
     (["--out", "__FILE__/run"], "cannot write to --out"),
 ])
 def test_bad_flags_give_one_line(tmp_path, flags, message):
@@ -871,6 +952,149 @@ def test_infer_onnx_runs_without_torch(exported, no_torch_env, tmp_path):
     assert png(tmp_path / "i.png").size == (grid_size(6, 1)[0], grid_size(6, 1)[1] + HEADER_HEIGHT)
     result = run_script("infer_onnx.py", "bench", *model, "--repeats", "2", env=no_torch_env)
     assert result.returncode == 0 and "latency, batch 1" in result.stdout and "batch 256" in result.stdout
+
+
+# the explorer: infer_onnx.py explore, over HTTP and in a real browser
+
+@pytest.fixture
+def explorer(exported, no_torch_env):
+    """`infer_onnx.py explore` on the tiny exported model, without torch, in a subprocess on a free port:
+    (its base URL, the process). Stopped with Ctrl-C afterwards, which must end it cleanly."""
+    out, _ = exported
+    process = subprocess.Popen([sys.executable, str(HERE / "infer_onnx.py"), "explore", "--model", str(out / "decoder.onnx"),
+                                "--encoder", str(out / "encoder.onnx"), "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=no_torch_env,
+                               # Ctrl-C works as in a terminal, even when pytest was started in the background
+                               # with SIGINT ignored (which a child would inherit)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    start = process.stdout.readline()
+    assert "serving http://127.0.0.1:" in start and "this machine only" in start, start + process.stderr.read()
+    yield start.split("serving ")[1].split()[0], process
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0 and "explorer stopped" in stdout and "Traceback" not in stderr, stderr
+
+
+def http(url, path, body=None, method=None):
+    """(status, content type, body bytes) of one request; the path is sent as given, `..` included."""
+    import http.client
+    from urllib.parse import urlsplit
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    try:
+        try:
+            connection.request(method or ("POST" if body is not None else "GET"), path, body=body)
+        except (BrokenPipeError, ConnectionResetError):  # refused by its headers, before the body was read
+            pass
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        connection.close()
+
+
+def decoded_png(decoder, z):
+    """The explorer's PNG for z as pixels, computed here with infer_onnx's decoder: (H, W) or (H, W, C) uint8."""
+    return np.round(np.clip(decoder(np.array([z], np.float32))[0], 0, 1) * 255).astype(np.uint8).squeeze(0)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+    import io
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_explorer_serves_its_page_and_decodes_as_infer_onnx_does(explorer, exported):
+    url, _ = explorer
+    out, _ = exported
+    decoder = onnx_tool.Decoder(out / "decoder.onnx")
+    status, kind, page = http(url, "/")
+    assert status == 200 and kind.startswith("text/html") and b"<title>betavae explorer</title>" in page
+    info = json.loads(http(url, "/info")[2])
+    assert info["latent_dim"] == 4 and info["examples"] == 16 and info["encoder"]
+    active = [d for d, kl in decoder.ranking if kl > 0.01]
+    assert [s["dim"] for s in info["sliders"]] == (active or [d for d, _ in decoder.ranking])  # in KL order
+    assert info["sliders"][0]["label"][0].startswith(f"dim {info['sliders'][0]['dim']} · ")  # "dim 3 · scale 0.71"
+    for z in ([0, 0, 0, 0], [1.5, -2, 0.25, 9.5]):
+        status, kind, png = http(url, "/decode", json.dumps({"z": z}).encode())
+        assert status == 200 and kind == "image/png"
+        assert np.array_equal(png_pixels(png), decoded_png(decoder, z))
+    # an example, and an uploaded image: their code is the encoder's mu, the image comes back with it
+    encoder = onnx_tool.Encoder(out / "encoder.onnx", decoder)
+    example = json.loads(http(url, "/example?i=3")[2])
+    np.testing.assert_allclose(example["z"], encoder(encoder.examples[3][None])[0], rtol=1e-6, atol=1e-6)
+    image = bv.Shapes()[123_456].numpy()
+    status, _, answer = http(url, "/encode", onnx_tool.png_bytes(image))
+    assert status == 200
+    np.testing.assert_allclose(json.loads(answer)["z"], encoder(image[None])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_explorer_refuses_bad_requests_in_one_line_and_keeps_serving(explorer, exported):
+    url, _ = explorer
+    good = json.dumps({"z": [0.5, 0, 0, 0]}).encode()
+    cases = [("/decode", b'{"z": [0, 0]}', 400, "exactly 4 numbers"),
+             ("/decode", b'{"z": [0, 0, 0, NaN]}', 400, "finite numbers"),
+             ("/decode", b'{"z": [0, 0, 0, 1e9]}', 400, "within -10 to 10"),
+             ("/decode", b'{"z": [0, 0, "a", 0]}', 400, "finite numbers"),
+             ("/decode", b"z=1,2,3,4", 400, "send JSON"),
+             ("/decode", b"0" * (65 * 1024), 413, "over 65,536 bytes"),
+             ("/encode", b"GIF89a this is not an image", 400, "cannot read the upload as an image"),
+             ("/encode", b"\0" * (4 * 2 ** 20 + 1), 413, "over 4,194,304 bytes"),
+             ("/example?i=16", None, 400, "i must be 0 to 15"),
+             ("/../../etc/passwd", None, 404, "no such page"),
+             ("/%2e%2e/infer_onnx.py", None, 404, "no such page"),
+             ("/decoder.onnx", None, 404, "no such page")]
+    for path, body, status, message in cases:
+        got, kind, answer = http(url, path, body)
+        assert (got, kind) == (status, "text/plain; charset=utf-8"), (path, got, answer)
+        assert message in answer.decode() and len(answer.decode().strip().splitlines()) == 1, answer
+        assert http(url, "/decode", good)[0] == 200  # still serving
+    # concurrent requests each get their own image
+    from concurrent.futures import ThreadPoolExecutor
+    decoder = onnx_tool.Decoder(exported[0] / "decoder.onnx")
+    codes = [[i / 4, -i / 8, 1.0, 0.0] for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda z: http(url, "/decode", json.dumps({"z": z}).encode()), codes))
+    for z, (status, _, png) in zip(codes, answers):
+        assert status == 200 and np.array_equal(png_pixels(png), decoded_png(decoder, z))
+
+
+def browser_or_fail():
+    """Debian's chromium and Playwright: a test without them is skipped with the reason, and fails in CI
+    (.ci/run sets CI and installs both)."""
+    import shutil
+    path = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = [name for name, found in (("chromium (apt-get install -y chromium)", path),
+                                        ("playwright (pip install -r requirements.txt)", sync_playwright)) if not found]
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the browser test needs {' and '.join(missing)}")
+    return path, sync_playwright
+
+
+def test_explorer_in_a_real_browser_moves_a_slider_and_shows_the_decoders_image(explorer, exported):
+    path, sync_playwright = browser_or_fail()
+    url, _ = explorer
+    decoder = onnx_tool.Decoder(exported[0] / "decoder.onnx")
+    idle = "() => window.explorer.shownZ !== null && !window.explorer.inFlight && !window.explorer.queued"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function(idle)  # it starts at the first example's code
+            before = page.get_attribute("#decoded", "src")
+            dim = json.loads(http(url, "/info")[2])["sliders"][0]["dim"]
+            page.fill(f"#dim{dim}", "2.5")
+            page.wait_for_function(f"() => ({idle})() && window.explorer.shownZ[{dim}] === 2.5")
+            after = page.get_attribute("#decoded", "src")
+            assert after != before and after.startswith("data:image/png;base64,")
+            z = page.evaluate("() => window.explorer.shownZ")
+            assert np.array_equal(png_pixels(__import__("base64").b64decode(after.split(",")[1])), decoded_png(decoder, z))
+            assert page.text_content("#status").startswith("decoded in")
+        finally:
+            browser.close()
 
 
 def test_onnx_pictures_match_pytorch_pictures(exported, tmp_path):
