@@ -398,6 +398,11 @@ def drawn_on_device(data: Dataset) -> bool:
     return isinstance(base_items(data)[0], Shapes)
 
 
+def data_path(train_set: Dataset, device, workers: int) -> str:
+    """Where the training batches come from, in a few words for the start line."""
+    return f"shapes drawn on {device}" if drawn_on_device(train_set) else f"{workers} loader workers"
+
+
 def train_loader(train_set: Dataset, cfg: Config, device) -> tuple[Iterable, EpochBatches, int]:
     """(loader, its per-epoch batch sampler, worker count): the built-in shapes drawn on the device, or
     one DataLoader whose workers live all run long. The loader has its own generator, so the global RNG
@@ -1202,10 +1207,11 @@ def print_start(t: Training, workers: int, defaults_used: Optional[str], resumed
         print(defaults_used)
     print(describe_loss(cfg, len(t.train_set)))
     lr, batch = default_lr_batch(cfg.dataset)
-    scaled = f" (from {lr:g} at batch {batch}: {LR_RULE})" if cfg.lr == scaled_lr(cfg) and batch != cfg.batch_size else ""
-    data = f"shapes drawn on {t.device}" if drawn_on_device(t.train_set) else f"{workers} loader workers"
-    print(f"seed {cfg.seed} | {data} | {cfg.epochs} epochs of {cfg.epoch_size or len(t.train_set):,} images, batch "
-          f"{cfg.batch_size}, lr {cfg.lr:.3g}{scaled} | writing {t.out}" + (" (resumed)" if resumed else ""))
+    by_rule = cfg.lr == scaled_lr(cfg) and batch != cfg.batch_size
+    print(f"seed {cfg.seed} | {data_path(t.train_set, t.device, workers)} | {cfg.epochs} epochs of "
+          f"{cfg.epoch_size or len(t.train_set):,} images, batch {cfg.batch_size}, lr {cfg.lr:.3g}"
+          + (f" (from {lr:g} at batch {batch}: {LR_RULE})" if by_rule else "")
+          + f" | writing {t.out}" + (" (resumed)" if resumed else ""))
 
 
 def take_time(t: Training) -> float:
@@ -2375,20 +2381,21 @@ def bench(args) -> None:
     options = time_in_turns({name: step_loop(cfg, device, x, n_data, steps, **flags)
                              for name, flags in STEP_OPTIONS.items()}, args.repeats) if args.options else {}
     rates = {name: (256 * steps if "256" in name else steps * cfg.batch_size) / s for name, s in seconds.items()}
-    step_flops = training_flops(lambda: train_step(model, optimizer, x_train, cfg, beta, capacity, n_data))  # eager: countable
-    report_bench(args, cfg, device, workers, rates, step_flops,
+    # counted in eager mode (compiled code hides its operations from the counter)
+    step_flops = training_flops(lambda: train_step(model, optimizer, x_train, cfg, beta, capacity, n_data))
+    report_bench(args, cfg, device, train_set, workers, rates, step_flops,
                  step_flops * steps / seconds["train step, data in memory"] / 1e9,
                  {name: steps * cfg.batch_size / s for name, s in options.items()})
 
 
-def report_bench(args, cfg: Config, device, workers: int, rates: dict[str, float], step_flops: int,
-                 achieved: float, option_rates: dict[str, float]) -> None:
+def report_bench(args, cfg: Config, device, train_set: Dataset, workers: int, rates: dict[str, float],
+                 step_flops: int, achieved: float, option_rates: dict[str, float]) -> None:
     """bench's table: the rates, their ratios and the achieved GFLOP/s against the device's matmul peak,
     then each option's rate against the plain loop; with --json also a file."""
     peak = matmul_peak(device)
     options = "".join(f", --{name}" for name in ("amp", "compile") if getattr(cfg, name))
     print(f"betavae {__version__} bench | {device} | {cfg.dataset}, {cfg.arch} network, batch {cfg.batch_size}{options}, "
-          f"{workers} loader workers, {torch.get_num_threads()} threads | median of {args.repeats} x {args.steps} steps")
+          f"{data_path(train_set, device, workers)}, {torch.get_num_threads()} threads | median of {args.repeats} x {args.steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")
     print(f"{'loader / full step':>28}  {rates['data loader'] / rates['train step, data included']:10.1f} x")

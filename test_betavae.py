@@ -1511,6 +1511,19 @@ def test_bench_reports_every_rate(tmp_path):
         assert "loader / full step" in result.stdout and "full step / plain loop" in result.stdout
 
 
+def test_bench_options_are_timed_in_turns_against_the_plain_loop(tmp_path, monkeypatch):
+    order = []
+    seconds = bv.time_in_turns({name: lambda name=name: order.append(name) for name in "abc"}, repeats=2)
+    assert order == list("abc") * 5 and set(seconds) == set("abc")  # 3 warm-up rounds, 2 timed, each in turn
+    # every option but --compile (a minute of compiling; its step is tested above) through the CLI
+    monkeypatch.setattr(bv, "STEP_OPTIONS", {k: v for k, v in bv.STEP_OPTIONS.items() if "compile" not in v})
+    bv.main(["bench", "--options", "--batch-size", "4", "--latent-dim", "4", "--steps", "1", "--repeats", "1",
+             "--device", "cpu", "--json", str(tmp_path / "bench.json")])
+    rates = json.loads((tmp_path / "bench.json").read_text())["options_img_per_s"]
+    assert set(rates) == {"plain loop", "channels_last", "fused Adam", "--amp", "channels_last, fused Adam, --amp"}
+    assert all(rate > 0 for rate in rates.values())
+
+
 def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
     out, _ = tiny_run
     result = run_script("export.py", "--checkpoint", out / "best.pt", "--out", tmp_path / "decoder.onnx",
@@ -1565,10 +1578,7 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
     assert why and set(defaults) <= {f.name for f in bv.fields(bv.Config)}
 
     def parse(*flags):
-        argv = ["train", "--dataset", dataset, *flags]
-        args = bv.build_parser().parse_args(argv)
-        args.given = bv.given_flags(argv)
-        return bv.config_from_args(args)
+        return parse_train("--dataset", dataset, *flags)
 
     cfg = parse()
     for name, value in defaults.items():
@@ -1592,6 +1602,29 @@ def test_dataset_defaults_apply_unless_a_flag_overrides(dataset):
     # the sprites' defaults are the ones docs/study.md recommends
     if dataset in ("shapes", "dsprites"):
         assert defaults == bv.SPRITES
+
+
+def parse_train(*flags):
+    argv = ["train", *flags]
+    args = bv.build_parser().parse_args(argv)
+    args.given = bv.given_flags(argv)
+    return bv.config_from_args(args)
+
+
+def test_a_batch_size_without_lr_scales_the_default_lr_by_the_square_root_rule(tmp_path, capsys):
+    assert parse_train().lr == 5e-4  # shapes: 5e-4 at batch 64
+    assert parse_train("--batch-size", "256").lr == pytest.approx(1e-3, rel=1e-12)
+    assert parse_train("--batch-size", "512").lr == pytest.approx(5e-4 * 8 ** 0.5, rel=1e-12)
+    assert parse_train("--batch-size", "16").lr == pytest.approx(2.5e-4, rel=1e-12)
+    assert parse_train("--batch-size", "256", "--lr", "3e-4").lr == 3e-4  # a typed lr wins
+    assert parse_train("--dataset", "mnist", "--batch-size", "128").lr == pytest.approx(2e-4, rel=1e-12)  # 1e-4 at 32
+    with pytest.raises(bv.UserError, match="--batch-size must be >= 1"):  # refused, not a square root of -1
+        parse_train("--batch-size", "-1", "--objective", "kl")
+    bv.main(["train", "--epoch-size", "16", "--batch-size", "16", "--val-size", "16", "--epochs", "1",
+             "--device", "cpu", "--out", str(tmp_path / "run")])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0"))
+    assert "batch 16, lr 0.00025 (from 0.0005 at batch 64: the square-root rule for Adam" in line
+    assert "shapes drawn on cpu" in line
 
 
 def test_train_prints_the_defaults_it_used(tmp_path, capsys):
