@@ -647,11 +647,6 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
-def adam(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Adam:
-    """The training's optimiser."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -1146,7 +1141,7 @@ def start_training(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, dev
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))
     if cfg.sync_bn:  # same parameters and state_dict keys: checkpoints load into a plain BetaVAE
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = adam(model, cfg, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=cfg.lr_patience)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
@@ -2344,8 +2339,8 @@ def bench(args) -> None:
 
     # the training step as `train` runs it: channels_last on CPU and CUDA, --amp and --compile as given
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
-    optimizer, trained, beta, capacity = adam(model, cfg, device), compiled(model) if cfg.compile else model, \
-        *schedule(cfg, cfg.epochs)
+    optimizer, trained = torch.optim.Adam(model.parameters(), lr=cfg.lr), compiled(model) if cfg.compile else model
+    beta, capacity = schedule(cfg, cfg.epochs)
     x_train = x.contiguous(memory_format=fmt)
 
     def step(batch):
