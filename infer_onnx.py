@@ -532,6 +532,8 @@ def explore(args) -> None:
     """Serve a page with one slider per active latent dim, decoding every move with the ONNX decoder."""
     if args.range <= 0 or args.range > Z_LIMIT:
         raise UserError(f"--range must be > 0 and <= {Z_LIMIT:g}")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be 0 to 65535 (0 picks a free one)")
     decoder, encoder = load_models(args)
     explorer = Explorer(decoder, encoder, args.range)
     try:

@@ -1057,6 +1057,21 @@ def test_explorer_refuses_bad_requests_in_one_line_and_keeps_serving(explorer, e
         assert status == 200 and np.array_equal(png_pixels(png), decoded_png(decoder, z))
 
 
+def test_explorer_refuses_bad_flags_and_a_busy_port_in_one_line(exported):
+    import socket
+    out, _ = exported
+    model = ["explore", "--model", out / "decoder.onnx"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["--port", "99999"], "--port must be 0 to 65535"), (["--range", "20"], "--range must be > 0 and <= 10"),
+                 (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                 (["--encoder", out / "best.pt"], "is not a usable ONNX model")]
+        for flags, message in cases:
+            assert_one_line_error(run_script("infer_onnx.py", *model, *flags), message)
+
+
 def browser_or_fail():
     """Debian's chromium and Playwright: a test without them is skipped with the reason, and fails in CI
     (.ci/run sets CI and installs both)."""
