@@ -388,8 +388,8 @@ def bench(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # explore: a local web page with one slider per active latent dim; the server decodes each position.
-# The standard library's HTTP server and onnxruntime, nothing else. It serves its page and three
-# endpoints, never a file from disk, and checks every request: a bad one gets a 400 with one line.
+# The standard library's HTTP server and onnxruntime, nothing else. It serves its page and four
+# endpoints, never a file from disk, and checks every request: a bad one gets its status and one line.
 
 Z_LIMIT = 10.0  # |z| the server decodes: the prior puts 1.5e-23 of each coordinate beyond; sliders span --range
 MAX_UPLOAD = 4 * 2 ** 20  # bytes of an uploaded image (413 above)
