@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -1646,6 +1647,18 @@ def test_train_prints_the_defaults_it_used(tmp_path, capsys):
     assert bv.SPRITES_WHY in line and "total correlation" in line
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["latent_dim"] == 10 and config["epochs"] == 1
+
+
+@pytest.mark.parametrize("variant", bv.STUDY_VARIANTS)
+def test_every_study_variant_is_a_valid_train_command(variant):
+    flags = shlex.split(bv.STUDY_BASE) + shlex.split(bv.STUDY_VARIANTS[variant])
+    cfg = parse_train(*flags)  # an unknown flag or a refused combination exits here
+    # the last value typed wins, as on the command line: a variant changes what it names
+    typed = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(len(flags) - 1)
+             if flags[i].startswith("--") and not flags[i + 1].startswith("--")}
+    assert all(getattr(cfg, name) == type(getattr(cfg, name))(value) for name, value in typed.items())
+    if variant == "tutorial":  # the base is the tutorial's settings, whatever the sprites' defaults
+        assert all(getattr(cfg, name) == getattr(bv.Config(), name) for name in bv.SPRITES if name != "epochs")
 
 
 def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
