@@ -573,15 +573,16 @@ def recon_loss(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor
 
 def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float = 1.0, free_bits: float = 0.0,
                capacity: Optional[float] = None, gamma: float = 1000.0, objective: str = "kl",
-               tc_estimator: str = "mws", n_data: int = 0) -> dict[str, torch.Tensor]:
+               tc_estimator: str = "mws", n_data: int = 0, warm: float = 1.0) -> dict[str, torch.Tensor]:
     """recon, the true KL, per-dim KL, with a sampled z the KL's parts mi, tc and dwkl (estimated on the
     batch), and the objective `total` that training minimises.
 
     KL is summed over latent dims and averaged over the batch. Free bits clamp each dim's batch-mean
     KL from below at `free_bits` nats (Kingma et al. 2016) in the objective only. total is
     recon + beta * KL, or recon + gamma * |KL - capacity| when a capacity is given (Burgess et al. 2018),
-    or under objective "tc" recon + KL + (beta - 1) * TC = recon + MI + beta * TC + dimension-wise KL
-    with the closed-form KL standing in for the estimated sum of its parts (same mean, less noise).
+    or under objective "tc" recon + warm * (KL + (beta - 1) * TC) = recon + warm * (MI + beta * TC +
+    dimension-wise KL) with the closed-form KL standing in for the estimated sum of its parts (same mean,
+    less noise); warm < 1 during a warm-up.
     """
     rec = recon_loss(logits, x, recon)
     kl_dims = kl_per_dim(mu, logvar).mean(0)  # (D,) batch means
@@ -591,7 +592,7 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
         parts.update(kl_decomposition(z, mu, logvar, log_importance_weights(len(z), n_data, tc_estimator)))
     kl_objective = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
     if objective == "tc":
-        total = rec + kl + (beta - 1) * parts["tc"]
+        total = rec + warm * (kl + (beta - 1) * parts["tc"])
     elif capacity is None:
         total = rec + beta * kl_objective
     else:
@@ -609,7 +610,11 @@ def describe_loss(cfg: Config, n_data: int) -> str:
     kl = "KL" if cfg.free_bits == 0 else f"sum_d max(KL_d, {cfg.free_bits:g})"
     warm = f", rising from 0 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else ""
     if cfg.objective == "tc":
-        objective = (f"recon + KL + (beta-1)*TC = recon + MI + beta*TC + dimension-wise KL, beta {cfg.beta:g}{warm} "
+        terms = "KL + (beta-1)*TC = recon + MI + beta*TC + dimension-wise KL"
+        if cfg.kl_warmup:  # the warm-up weights the whole KL term (loss_settings)
+            terms = (f"w*(KL + (beta-1)*TC) = recon + w*(MI + beta*TC + dimension-wise KL), w rising from 0 to 1 "
+                     f"over {cfg.kl_warmup} epochs")
+        objective = (f"recon + {terms}, beta {cfg.beta:g} "
                      f"on the total correlation only (Chen et al. 2018); TC estimated on each batch of "
                      f"{cfg.batch_size} by {TC_SAMPLING[cfg.tc_estimator]} (N = {n_data:,} training images)")
     elif cfg.capacity is None:
@@ -737,9 +742,16 @@ def logged_terms(parts: dict) -> torch.Tensor:
 
 
 def loss_settings(cfg: Config, beta: float, capacity, n_data: int) -> dict:
-    """loss_terms' keyword arguments for a run at this point of its schedule (n_data: training images)."""
+    """loss_terms' keyword arguments for a run at this point of its schedule (n_data: training images).
+    Under --objective tc a warm-up (beta_eff < beta) weights the whole KL term by beta_eff / beta, as it
+    does under kl: ramping the TC's weight alone would leave the early epochs a plain VAE's, which
+    collapses as easily, and would reward dependence while beta_eff < 1."""
+    if cfg.objective == "tc":
+        beta, warm = cfg.beta, beta / cfg.beta if cfg.beta else 1.0
+    else:
+        warm = 1.0
     return dict(recon=cfg.recon, beta=beta, free_bits=cfg.free_bits, capacity=capacity, gamma=cfg.gamma,
-                objective=cfg.objective, tc_estimator=cfg.tc_estimator, n_data=n_data)
+                objective=cfg.objective, tc_estimator=cfg.tc_estimator, n_data=n_data, warm=warm)
 
 
 def train_step(model, optimizer, x, cfg: Config, beta: float, capacity, n_data: int = 0) -> dict[str, torch.Tensor]:

@@ -247,6 +247,15 @@ def test_tc_objective_weights_only_the_total_correlation():
     # recon + MI + 4 TC + dimension-wise KL, with the closed-form KL for MI + TC + dimension-wise KL
     assert tc4["total"].item() == pytest.approx(hand_recon("mse") + kl + 3 * tc, rel=1e-5)
     assert tc4["recon"].item() == pytest.approx(hand_recon("mse"), rel=1e-5)
+    # a warm-up weights the whole KL term, not the TC's share alone: a third of the way, a third of it
+    tc4_warm = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc", warm=1 / 3)
+    assert tc4_warm["total"].item() == pytest.approx(hand_recon("mse") + (kl + 3 * tc) / 3, rel=1e-5)
+    cfg = bv.Config(objective="tc", beta=4.0, kl_warmup=3)
+    assert bv.loss_settings(cfg, bv.schedule(cfg, 1)[0], None, 10) | {"warm": 0} == \
+        bv.loss_settings(cfg, 4.0, None, 10) | {"warm": 0}  # the TC keeps its beta, ...
+    assert bv.loss_settings(cfg, bv.schedule(cfg, 1)[0], None, 10)["warm"] == pytest.approx(1 / 3)  # ... w ramps
+    assert bv.loss_settings(bv.Config(beta=4.0, kl_warmup=3), 4 / 3, None, 10)["beta"] == 4 / 3  # kl: beta_eff
+    assert "w*(KL + (beta-1)*TC)" in bv.describe_loss(cfg, 10) and "over 3 epochs" in bv.describe_loss(cfg, 10)
 
 
 def test_gradients_reach_mu_and_logvar_through_the_sample():
