@@ -2478,6 +2478,9 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     flags = shlex.split(STUDY_BASE) + shlex.split(STUDY_VARIANTS[variant]) + shlex.split(args.common)
     stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
+    trained = len(read_history(out / "history.csv")) if (out / "history.csv").exists() else 0
+    # a stage the run has trained past without scoring it (an earlier call's other --eval-epochs) is gone
+    stages = [epoch for epoch in stages if epoch >= trained or (out / f"metrics_e{epoch:03d}.json").exists()]
     for epoch in stages:
         scores = out / f"metrics_e{epoch:03d}.json"
         if scores.exists():
