@@ -124,12 +124,13 @@ class Config:
 # The Config defaults above are the tutorial's settings (for faces). Where the time-to-disentangle study
 # (`python betavae.py study`, docs/study.md) found better ones for a dataset, they are here; any flag overrides them.
 TUTORIAL = "the tutorial's settings"
-SPRITES = {"latent_dim": 10, "epochs": 25, "arch": "burgess", "recon": "bce", "lr": 5e-4, "batch_size": 64,
+SPRITES = {"latent_dim": 10, "epochs": 25, "arch": "burgess", "recon": "bce", "lr": 5e-4, "batch_size": 256,
            "objective": "tc"}
 SPRITES_WHY = ("beta weights only the total correlation (Chen et al.), not the whole KL: at equal images it "
                "separated the factors several times better over 3 seeds, with disentanglement_lib's recipe "
-               "(Burgess et al.'s network, Bernoulli loss, lr 5e-4, batch 64, 10-d); --objective kl trains "
-               "Higgins et al.'s beta-VAE (docs/study.md)")
+               "(Burgess et al.'s network, Bernoulli loss, lr 5e-4, 10-d); batch 256, not the recipe's 64, "
+               "because the larger batch estimates the total correlation better: median MIG 0.128 against 0.024 "
+               "over 3 seeds at 500,000 images; --objective kl trains Higgins et al.'s beta-VAE (docs/study.md)")
 DATASET_DEFAULTS = {
     "shapes": (SPRITES, SPRITES_WHY),
     "dsprites": (SPRITES, SPRITES_WHY),
@@ -991,11 +992,12 @@ def format_epoch(row: dict, cfg: Config, eta: float) -> str:
 
 
 def recon_stalled(history: list[dict], patience: int) -> bool:
-    """No validation recon of the last `patience` epochs beat the best before them by 0.1 %."""
-    if len(history) <= patience:
-        return False
-    before = min(r["val_recon"] for r in history[:-patience])
-    return min(r["val_recon"] for r in history[-patience:]) > before * 0.999
+    """Neither the training nor the validation recon of the last `patience` epochs beat the best before
+    them by 0.1 % (the validation recon alone wanders by a few % while the training recon still falls)."""
+    def stalled(key: str) -> bool:
+        before = min(r[key] for r in history[:-patience])
+        return min(r[key] for r in history[-patience:]) > before * 0.999
+    return len(history) > patience and stalled("val_recon") and stalled("train_recon")
 
 
 def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
@@ -1006,7 +1008,7 @@ def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
         print(f"warning: validation KL is {last['val_kl']:.3f} nats: the posterior has collapsed onto the prior "
               f"(lower --beta, or try --kl-warmup / --capacity)")
     if recon_stalled(history, patience) and not recon_stalled(history[:-1], patience):
-        print(f"warning: validation recon has not improved for {patience} epochs "
+        print(f"warning: the reconstruction has not improved for {patience} epochs "
               f"(lr is {last['lr']:.1e}; docs/training.md lists the remedies)")
 
 
@@ -2524,7 +2526,7 @@ def plot_study(rows: list[dict], path: Path) -> None:
     a line per seed."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # distinct hues first
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         seeds = sorted({r["seed"] for r in rows if r["variant"] == variant})
         for j, seed in enumerate(seeds):
