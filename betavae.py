@@ -2455,7 +2455,7 @@ STUDY_VARIANTS.update({
     **{f"recipe-tc-beta4-batch{b}-sqrt-lr": f"{RECIPE} --objective tc --beta 4 --batch-size {b} --lr {lr}"
        for b, lr in ((256, "1e-3"), (512, "1.41e-3"))},
     "recipe-tc-beta4-amp": f"{RECIPE} --objective tc --beta 4 --amp",
-    # beta on the TC rising over 3 epochs, against the early collapse that large batches fell into
+    # the whole KL term rising over 3 epochs (--kl-warmup), against the early collapse of large batches
     "recipe-tc-beta4-batch256-warmup": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --kl-warmup 3",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
