@@ -79,6 +79,8 @@ class Config:
     arch: str = option("tutorial", "network: the tutorial's (3x3 convs, BatchNorm, LeakyReLU) or Burgess et al.'s "
                        "(4x4 convs, ReLU, no BatchNorm; disentanglement_lib's for dSprites)",
                        choices=["tutorial", "burgess"])
+    mean_init: bool = option(False, "start the decoder's output bias at the logit of the training images' mean "
+                             "intensity, so the first steps learn the shapes rather than the background")
     channels: int = option(0, "image channels for --dataset folder: 1 or 3 (0: 3 unless every image is grey); "
                            "set from the data for the others", choices=[0, 1, 3])
     # loss
@@ -198,10 +200,6 @@ def check_config(cfg: Config) -> None:
         (cfg.capacity_epochs >= 1, "--capacity-epochs must be >= 1"),
         (cfg.gamma > 0, "--gamma must be > 0"),
         (cfg.capacity is None or cfg.kl_warmup == 0, "--capacity and --kl-warmup are alternatives; pick one"),
-        (cfg.objective == "kl" or cfg.capacity is None, "--capacity targets the whole KL; it has no meaning with "
-                                                         "--objective tc"),
-        (cfg.objective == "kl" or cfg.free_bits == 0, "--free-bits clamps the whole KL's dims; it has no meaning "
-                                                       "with --objective tc"),
         (cfg.objective == "kl" or cfg.batch_size >= 2, "--objective tc estimates the total correlation from the "
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
@@ -415,6 +413,12 @@ def preview_images(val_set: Dataset, n: int) -> torch.Tensor:
     return torch.stack([val_set[i] for i in positions.tolist()])
 
 
+def mean_intensity(train_set: Dataset, n: int = 1024) -> torch.Tensor:
+    """(C,) mean pixel of n training images spread evenly over the set (no random draw: seeds stay as they are)."""
+    positions = torch.linspace(0, len(train_set) - 1, min(n, len(train_set))).long()
+    return torch.stack([train_set[i] for i in positions.tolist()]).mean(dim=(0, 2, 3))
+
+
 def epoch_batches(train_set: Dataset, cfg: Config, generator: torch.Generator) -> list[list[int]]:
     """The epoch's batches of indices: --epoch-size fresh random items (all of them when 0)."""
     sampler = RandomSampler(train_set, num_samples=cfg.epoch_size or None, generator=generator)
@@ -484,6 +488,12 @@ class Decoder(nn.Module):
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(self.fc(z).view(-1, *self.grid))  # (B, C, 64, 64)
+
+    @torch.no_grad()
+    def init_output_bias(self, mean: torch.Tensor) -> None:
+        """Set the last layer's bias to logit(mean), a (C,) mean intensity: a fresh decoder then draws
+        the average image's brightness from its first step (Karpathy's "init well")."""
+        self.net[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(z))
@@ -583,7 +593,9 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
     recon + beta * KL, or recon + gamma * |KL - capacity| when a capacity is given (Burgess et al. 2018),
     or under objective "tc" recon + warm * (KL + (beta - 1) * TC) = recon + warm * (MI + beta * TC +
     dimension-wise KL) with the closed-form KL standing in for the estimated sum of its parts (same mean,
-    less noise); warm < 1 during a warm-up.
+    less noise); warm < 1 during a warm-up. With a capacity, "tc" is recon + gamma * |KL - capacity| +
+    (beta - 1) * TC: the KL is held at the capacity and beta - 1 more weight falls on its total correlation.
+    Free bits clamp the KL's dims under either objective.
     """
     rec = recon_loss(logits, x, recon)
     kl_dims = kl_per_dim(mu, logvar).mean(0)  # (D,) batch means
@@ -593,7 +605,8 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
         parts.update(kl_decomposition(z, mu, logvar, log_importance_weights(len(z), n_data, tc_estimator)))
     kl_objective = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
     if objective == "tc":
-        total = rec + warm * (kl + (beta - 1) * parts["tc"])
+        kl_term = kl_objective if capacity is None else gamma * (kl_objective - capacity).abs()
+        total = rec + warm * (kl_term + (beta - 1) * parts["tc"])
     elif capacity is None:
         total = rec + beta * kl_objective
     else:
@@ -611,10 +624,14 @@ def describe_loss(cfg: Config, n_data: int) -> str:
     kl = "KL" if cfg.free_bits == 0 else f"sum_d max(KL_d, {cfg.free_bits:g})"
     warm = f", rising from 0 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else ""
     if cfg.objective == "tc":
-        terms = "KL + (beta-1)*TC = recon + MI + beta*TC + dimension-wise KL"
+        split = "" if cfg.free_bits else "MI + beta*TC + dimension-wise KL"  # the parts of the true KL
+        terms = f"{kl} + (beta-1)*TC" + (split and f" = recon + {split}")
         if cfg.kl_warmup:  # the warm-up weights the whole KL term (loss_settings)
-            terms = (f"w*(KL + (beta-1)*TC) = recon + w*(MI + beta*TC + dimension-wise KL), w rising from 0 to 1 "
-                     f"over {cfg.kl_warmup} epochs")
+            terms = (f"w*({kl} + (beta-1)*TC)" + (split and f" = recon + w*({split})")
+                     + f", w rising from 0 to 1 over {cfg.kl_warmup} epochs")
+        elif cfg.capacity is not None:
+            terms = (f"{cfg.gamma:g}*|{kl} - C| + (beta-1)*TC, C rising from 0 to {cfg.capacity:g} nats over "
+                     f"{cfg.capacity_epochs} epochs (Burgess et al.'s capacity control)")
         objective = (f"recon + {terms}, beta {cfg.beta:g} "
                      f"on the total correlation only (Chen et al. 2018); TC estimated on each batch of "
                      f"{cfg.batch_size} by {TC_SAMPLING[cfg.tc_estimator]} (N = {n_data:,} training images)")
@@ -1153,6 +1170,8 @@ def start_training(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, dev
         if ranks.world > 1:
             torch.distributed.barrier()
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))
+    if cfg.mean_init and not resumed:
+        model.decoder.init_output_bias(mean_intensity(train_set).to(device))
     if cfg.sync_bn:  # same parameters and state_dict keys: checkpoints load into a plain BetaVAE
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -2457,6 +2476,17 @@ STUDY_VARIANTS.update({
     "recipe-tc-beta4-amp": f"{RECIPE} --objective tc --beta 4 --amp",
     # the whole KL term rising over 3 epochs (--kl-warmup), against the early collapse of large batches
     "recipe-tc-beta4-batch256-warmup": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --kl-warmup 3",
+    # at batch 256: the leave-one-out (stratified) estimate of log q(z), and a stronger beta on the TC
+    "recipe-tc-beta4-batch256-mss": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --tc-estimator mss",
+    "recipe-tc-beta10-batch256": f"{RECIPE} --objective tc --beta 10 --batch-size 256",
+    # the decoder's output bias starting at the data's mean, against the early collapse
+    "recipe-tc-beta4-batch256-mean-init": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --mean-init",
+    # Burgess et al.'s capacity under the TC objective: the information grows a nat per epoch
+    "recipe-tc-beta4-batch256-capacity": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --capacity 15 "
+                                         "--capacity-epochs 15",
+    # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
+    **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
+       f"--free-bits {bits}" for bits in ("0.5", "1")},
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "val_recon", "val_kl", "active_dims", "mig_per_factor"]

@@ -256,6 +256,17 @@ def test_tc_objective_weights_only_the_total_correlation():
     assert bv.loss_settings(cfg, bv.schedule(cfg, 1)[0], None, 10)["warm"] == pytest.approx(1 / 3)  # ... w ramps
     assert bv.loss_settings(bv.Config(beta=4.0, kl_warmup=3), 4 / 3, None, 10)["beta"] == 4 / 3  # kl: beta_eff
     assert "w*(KL + (beta-1)*TC)" in bv.describe_loss(cfg, 10) and "over 3 epochs" in bv.describe_loss(cfg, 10)
+    # with a capacity the whole KL is held at C and the TC weighs beta - 1 more: recon + 100 |KL - C| + 3 TC
+    held = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc", capacity=0.5, gamma=100.0)
+    assert held["total"].item() == pytest.approx(hand_recon("mse") + 100 * abs(kl - 0.5) + 3 * tc, rel=1e-5)
+    # free bits clamp the KL's dims and leave the TC's weight: recon + max(KL_0, f) + max(KL_1, f) + 3 TC
+    dims = hand_kl_dims()
+    free = (min(dims) + max(dims)) / 2
+    freed = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc", free_bits=free)
+    assert freed["total"].item() == pytest.approx(hand_recon("mse") + max(dims) + free + 3 * tc, rel=1e-5)
+    assert "sum_d max(KL_d, 0.5) + (beta-1)*TC," in bv.describe_loss(bv.Config(objective="tc", free_bits=0.5), 10)
+    capped = bv.Config(objective="tc", beta=4.0, capacity=15.0, capacity_epochs=15)
+    assert "1000*|KL - C| + (beta-1)*TC, C rising from 0 to 15 nats over 15 epochs" in bv.describe_loss(capped, 10)
 
 
 def test_gradients_reach_mu_and_logvar_through_the_sample():
@@ -321,6 +332,25 @@ def test_model_shapes_and_range(channels, arch):
     z = torch.randn(3, 6)
     torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decoder.logits(z)))
     assert logits.shape == (2, channels, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["tutorial", "burgess"])
+def test_mean_init_starts_the_decoder_at_the_datas_mean_intensity(arch, tmp_path):
+    train_set = torch.utils.data.Subset(bv.Shapes(), range(0, 737_280, 7919))  # 94 images: all of them are read
+    mean = bv.mean_intensity(train_set)
+    hand = np.mean([train_set[i].numpy() for i in range(len(train_set))])
+    assert mean.shape == (1,) and mean.item() == pytest.approx(hand, rel=1e-6) and 0.01 < hand < 0.1
+    model = bv.BetaVAE(latent_dim=3, arch=arch)
+    model.decoder.init_output_bias(mean)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.zero_()  # the bias alone: every pixel of any code is then the mean
+    torch.testing.assert_close(model.decode(torch.randn(2, 3)), mean.expand(2, 1, 64, 64))
+    # a run with --mean-init starts there: its first step's reconstruction is the mean image's, not log 2 per pixel
+    first = {}
+    for name, flags in [("plain", []), ("mean", ["--mean-init"])]:
+        assert train_in_process(tmp_path / name, "--epochs", "1", "--epoch-size", "16", "--arch", arch, *flags) == 0
+        first[name] = float(read_rows(tmp_path / name / "history.csv", "train_recon")[0][0])
+    assert first["plain"] > 2500 > 800 > first["mean"]  # 4096 log 2 = 2839 nats for an uninformed decoder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -651,8 +681,6 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
-    (["--objective", "tc", "--capacity", "20"], "no meaning with --objective tc"),
-    (["--objective", "tc", "--free-bits", "0.5"], "no meaning with --objective tc"),
     (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--workers", "2"], "rendered on the training device"),
