@@ -2484,6 +2484,9 @@ STUDY_VARIANTS.update({
     # Burgess et al.'s capacity under the TC objective: the information grows a nat per epoch
     "recipe-tc-beta4-batch256-capacity": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --capacity 15 "
                                          "--capacity-epochs 15",
+    # both: the decoder starts at the mean, so the capacity can admit information from the first step
+    "recipe-tc-beta4-batch256-mean-init-capacity": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --mean-init "
+                                                   "--capacity 15 --capacity-epochs 15",
     # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
     **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
        f"--free-bits {bits}" for bits in ("0.5", "1")},
