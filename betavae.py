@@ -2487,6 +2487,8 @@ STUDY_VARIANTS.update({
     # both: the decoder starts at the mean, so the capacity can admit information from the first step
     "recipe-tc-beta4-batch256-mean-init-capacity": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --mean-init "
                                                    "--capacity 15 --capacity-epochs 15",
+    # a stronger beta on the TC with the decoder started at the mean (no collapse to leave)
+    "recipe-tc-beta10-batch256-mean-init": f"{RECIPE} --objective tc --beta 10 --batch-size 256 --mean-init",
     # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
     **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
        f"--free-bits {bits}" for bits in ("0.5", "1")},
