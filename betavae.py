@@ -934,25 +934,30 @@ def tensorboard_writer(cfg: Config, out: Path):
     return SummaryWriter(out / "tensorboard")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what `kill` or a job scheduler sends
+
+
 class StopOnCtrlC:
-    """The first Ctrl-C asks training to stop at the next step boundary, where state is consistent."""
+    """The first Ctrl-C (or SIGTERM) asks training to stop at the next step boundary, where state is consistent."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means: stop now, without saving
+        if self.requested:  # a second one means: stop now, without saving
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: saving last.pt after this step (Ctrl-C again to abort without saving)",
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: saving last.pt after this step (Ctrl-C again to abort without saving)",
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def given_flags(argv: list[str]) -> set[str]:

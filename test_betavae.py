@@ -68,7 +68,8 @@ def global_state() -> dict:
     """What one test could leave changed for the next: torch's threads, default dtype and compiler config,
     the environment, the Ctrl-C handler, the working directory."""
     state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype(),
-             "env": {k: v for k, v in os.environ.items() if k not in OWN_ENV}, "sigint": signal.getsignal(signal.SIGINT), "cwd": os.getcwd()}
+             "env": {k: v for k, v in os.environ.items() if k not in OWN_ENV}, "sigint": signal.getsignal(signal.SIGINT),
+             "sigterm": signal.getsignal(signal.SIGTERM), "cwd": os.getcwd()}
     if "torch._inductor.config" in sys.modules:  # loaded by the first compile; its config is process-wide
         state["inductor"] = sys.modules["torch._inductor.config"].get_config_copy()
     return state
@@ -518,7 +519,8 @@ def test_lr_patience_reaches_the_scheduler_and_may_change_on_resume(tmp_path):
     assert stored() == (9, 9)  # the loaded scheduler state does not bring the old patience back
 
 
-def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or `kill` / a job scheduler
+def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch, stop):
     assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
     calls, real_step = [], bv.train_step
 
@@ -526,7 +528,7 @@ def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
         calls.append(1)
         parts = real_step(*args, **kwargs)
         if len(calls) == 5:  # in the middle of epoch 2 (3 steps per epoch)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), stop)
         return parts
 
     monkeypatch.setattr(bv, "train_step", step_then_ctrl_c)
