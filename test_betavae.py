@@ -66,7 +66,7 @@ OWN_ENV = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "T
 
 def global_state() -> dict:
     """What one test could leave changed for the next: torch's threads, default dtype and compiler config,
-    the environment, the Ctrl-C handler, the working directory."""
+    the environment, the Ctrl-C and SIGTERM handlers, the working directory."""
     state = {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype(),
              "env": {k: v for k, v in os.environ.items() if k not in OWN_ENV}, "sigint": signal.getsignal(signal.SIGINT),
              "sigterm": signal.getsignal(signal.SIGTERM), "cwd": os.getcwd()}
