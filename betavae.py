@@ -47,9 +47,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision.utils import save_image  # noqa: E402
 
 # torch-free helpers shared with infer_onnx.py, so that both tools draw the same pictures
-from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_codes, interpolation_figure, labelled,
-                        read_image, report_errors, save_figure, select_dims, stack_vertically, time_calls,
-                        traversal_codes, traversal_gif, traversal_labels, traversal_values)
+from infer_onnx import (GENNORM_SCALE, PADDING, Parser, UserError, image_grid, interpolation_codes,
+                        interpolation_figure, labelled, prior_codes, read_image, report_errors, save_figure,
+                        select_dims, stack_vertically, time_calls, traversal_codes, traversal_gif, traversal_labels,
+                        traversal_values)
 
 __version__ = "0.1.0"
 IMAGE_SIZE = 64
@@ -83,6 +84,9 @@ class Config:
                              "intensity, so the first steps learn the shapes rather than the background")
     channels: int = option(0, "image channels for --dataset folder: 1 or 3 (0: 3 unless every image is grey); "
                            "set from the data for the others", choices=[0, 1, 3])
+    prior: str = option("normal", "p(z): the standard normal, or gennorm4, a flat-topped generalised normal "
+                        "(shape 4, unit variance) under which rotated codes cost more than axis-aligned ones",
+                        choices=["normal", "gennorm4"])
     # loss
     recon: str = option("mse", "reconstruction term: squared error or Bernoulli cross-entropy",
                         choices=["mse", "bce"])
@@ -101,6 +105,8 @@ class Config:
     gamma: float = option(1000.0, "weight of |KL - C(t)| under --capacity")
     # optimisation
     lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, see --lr-patience)")
+    lr_warmup: int = option(0, "epochs over which the lr rises step by step from near 0 to --lr, so that Adam's "
+                            "first steps, as large as its later ones, do not switch ReLUs off for good (0: off)")
     lr_patience: int = option(5, "epochs without a better validation objective that ReduceLROnPlateau "
                               "tolerates; the next one halves the lr (a long run may want more; may change "
                               "on --resume)")
@@ -204,6 +210,8 @@ def check_config(cfg: Config) -> None:
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
         (cfg.lr_patience >= 0, "--lr-patience must be >= 0"),
+        (0 <= cfg.lr_warmup <= max(cfg.lr_patience, 1), "--lr-warmup must be 0 to --lr-patience epochs: "
+                                                        "ReduceLROnPlateau must not act while the lr rises"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.clip_grad >= 0, "--clip-grad must be >= 0"),
@@ -530,14 +538,45 @@ class BetaVAE(nn.Module):
 # Loss: negative ELBO with a weighted KL (Higgins et al. 2017, eq. 4), Burgess et al.'s capacity form, or
 # beta on the total correlation alone (Chen et al. 2018, eq. 4 with alpha = gamma = 1).
 
-def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Closed-form KL(N(mu, sigma^2) || N(0, 1)) per sample and latent dim, (B, D), in nats."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+# The prior p(z) = prod_d p(z_d): the standard normal, or a generalised normal of shape 4 with unit variance,
+# p(z_d) = exp(-(z_d/a)^4) / (2 a Gamma(5/4)). A rotation of two independent normal dims is still
+# independent, so no term of the objective tells x and y from their rotations; a rotation of two
+# independent non-normal dims is not (Darmois-Skitovich, the reason ICA works), and the dimension-wise KL
+# pulls each marginal towards this flat-topped shape, so the total correlation sees the rotation.
+# GENNORM_SCALE, a = sqrt(G(1/4)/G(3/4)), makes the variance a^2 G(3/4)/G(1/4) = 1 (infer_onnx.py samples it).
+PRIORS = {"normal": "N(0, 1)", "gennorm4": f"exp(-(z_d/{GENNORM_SCALE:.4f})^4)/Z, a generalised normal of shape 4 "
+                                           "and unit variance"}
+GENNORM_LOG_NORM = math.log(2 * GENNORM_SCALE * math.gamma(1.25))  # log Z
+
+
+def prior_sample(prior: str, n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """(n, latent_dim) codes drawn from the prior: torch's normal draws, as before the prior was a choice, or
+    infer_onnx's for gennorm4."""
+    if prior == "normal":
+        return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.from_numpy(prior_codes(prior, n, latent_dim, seed)).float()
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, exp(logvar)), elementwise (broadcasting), in nats."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * torch.exp(-logvar))
+
+
+def log_prior(z: torch.Tensor, prior: str = "normal") -> torch.Tensor:
+    """log p(z_d), elementwise, in nats."""
+    if prior == "normal":
+        return -0.5 * (math.log(2 * math.pi) + z.pow(2))
+    return -GENNORM_LOG_NORM - (z / GENNORM_SCALE).pow(4)
+
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor, prior: str = "normal") -> torch.Tensor:
+    """Closed-form KL(N(mu, sigma^2) || p) per sample and latent dim, (B, D), in nats."""
+    if prior == "normal":
+        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    var = logvar.exp()
+    fourth_moment = mu.pow(4) + 6 * mu.pow(2) * var + 3 * var.pow(2)  # E z^4 under N(mu, var)
+    entropy = 0.5 * (math.log(2 * math.pi) + 1 + logvar)
+    return GENNORM_LOG_NORM + fourth_moment / GENNORM_SCALE ** 4 - entropy
 
 
 def log_importance_weights(batch: int, n_data: int, estimator: str) -> torch.Tensor:
@@ -559,7 +598,7 @@ def log_importance_weights(batch: int, n_data: int, estimator: str) -> torch.Ten
     return weights.log()
 
 
-def kl_decomposition(z, mu, logvar, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def kl_decomposition(z, mu, logvar, log_weights: torch.Tensor, prior: str = "normal") -> dict[str, torch.Tensor]:
     """Chen et al.'s split of the KL averaged over the data, estimated on a batch of z_i ~ q(z|x_i):
     index-code mutual information, total correlation and dimension-wise KL, each a mean over the batch
     in nats. They add up to the Monte Carlo KL, mean_i [log q(z_i|x_i) - log p(z_i)], exactly."""
@@ -568,7 +607,7 @@ def kl_decomposition(z, mu, logvar, log_weights: torch.Tensor) -> dict[str, torc
     log_q_zx = log_normal(z, mu, logvar).sum(1)                                      # (B,) log q(z_i | x_i)
     log_qz = torch.logsumexp(pairs.sum(2) + log_weights, dim=1)                      # (B,) log q(z_i)
     log_marginals = torch.logsumexp(pairs + log_weights[:, :, None], dim=1).sum(1)   # (B,) sum_d log q(z_id)
-    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)          # (B,) log p(z_i)
+    log_pz = log_prior(z, prior).sum(1)                                              # (B,) log p(z_i)
     return {"mi": (log_q_zx - log_qz).mean(), "tc": (log_qz - log_marginals).mean(),
             "dwkl": (log_marginals - log_pz).mean()}
 
@@ -584,7 +623,8 @@ def recon_loss(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor
 
 def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float = 1.0, free_bits: float = 0.0,
                capacity: Optional[float] = None, gamma: float = 1000.0, objective: str = "kl",
-               tc_estimator: str = "mws", n_data: int = 0, warm: float = 1.0) -> dict[str, torch.Tensor]:
+               tc_estimator: str = "mws", n_data: int = 0, warm: float = 1.0,
+               prior: str = "normal") -> dict[str, torch.Tensor]:
     """recon, the true KL, per-dim KL, with a sampled z the KL's parts mi, tc and dwkl (estimated on the
     batch), and the objective `total` that training minimises.
 
@@ -598,11 +638,11 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
     Free bits clamp the KL's dims under either objective.
     """
     rec = recon_loss(logits, x, recon)
-    kl_dims = kl_per_dim(mu, logvar).mean(0)  # (D,) batch means
+    kl_dims = kl_per_dim(mu, logvar, prior).mean(0)  # (D,) batch means
     kl = kl_dims.sum()
     parts = {"recon": rec, "kl": kl, "kl_per_dim": kl_dims}
     if z is not None:
-        parts.update(kl_decomposition(z, mu, logvar, log_importance_weights(len(z), n_data, tc_estimator)))
+        parts.update(kl_decomposition(z, mu, logvar, log_importance_weights(len(z), n_data, tc_estimator), prior))
     kl_objective = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
     if objective == "tc":
         kl_term = kl_objective if capacity is None else gamma * (kl_objective - capacity).abs()
@@ -640,7 +680,8 @@ def describe_loss(cfg: Config, n_data: int) -> str:
     else:
         objective = (f"recon + {cfg.gamma:g}*|{kl} - C|, C rising from 0 to {cfg.capacity:g} nats over "
                      f"{cfg.capacity_epochs} epochs")
-    return (f"loss: recon = {error} summed over {pixels} pixels, mean over the batch; KL = closed form "
+    prior = "" if cfg.prior == "normal" else f" to the prior p(z_d) = {PRIORS[cfg.prior]}"
+    return (f"loss: recon = {error} summed over {pixels} pixels, mean over the batch; KL{prior} = closed form "
             f"summed over {cfg.latent_dim} latent dims, mean over the batch\n"
             f"objective: {objective}")
 
@@ -769,7 +810,7 @@ def loss_settings(cfg: Config, beta: float, capacity, n_data: int) -> dict:
     else:
         warm = 1.0
     return dict(recon=cfg.recon, beta=beta, free_bits=cfg.free_bits, capacity=capacity, gamma=cfg.gamma,
-                objective=cfg.objective, tc_estimator=cfg.tc_estimator, n_data=n_data, warm=warm)
+                objective=cfg.objective, tc_estimator=cfg.tc_estimator, n_data=n_data, warm=warm, prior=cfg.prior)
 
 
 def train_step(model, optimizer, x, cfg: Config, beta: float, capacity, n_data: int = 0) -> dict[str, torch.Tensor]:
@@ -1079,6 +1120,17 @@ def check_steps(pending: list, run: dict, stop: StopOnCtrlC, epoch: int, cfg: Co
     return stop.requested
 
 
+def warm_lr(cfg: Config, epoch: int, step: int, steps: int) -> float:
+    """The lr of 0-based step `step` of the epoch's `steps` under --lr-warmup: cfg.lr times the fraction of
+    the warm-up done after the step, reaching cfg.lr at the last step of epoch cfg.lr_warmup."""
+    return cfg.lr * min(1.0, (epoch - 1 + (step + 1) / steps) / cfg.lr_warmup)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, capacity, n_data: int, run: dict,
                 stop: StopOnCtrlC, device) -> tuple[int, float]:
     """Train on the epoch's remaining batches, adding the losses to `run` every CHECK_EVERY steps (on a GPU
@@ -1089,6 +1141,8 @@ def train_epoch(model, optimizer, loader, cfg: Config, epoch: int, beta: float, 
     t0, images, total_steps, pending = time.perf_counter(), 0, run["step"] + len(loader), []
     for x in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        if epoch <= cfg.lr_warmup:
+            set_lr(optimizer, warm_lr(cfg, epoch, run["step"] + len(pending), total_steps))
         parts = train_step(model, optimizer, x, cfg, beta, capacity, n_data)
         pending.append((logged_terms(parts) * len(x), len(x)))
         images += len(x)
@@ -1325,7 +1379,7 @@ def train_ranks(cfg: Config, resumed: Optional[dict], args, ranks: Ranks, device
     val_loader = DataLoader(val_share, batch_size=val_batch_size(cfg), num_workers=workers,
                             persistent_workers=workers > 0, generator=torch.Generator())  # its own generator too
     previews = (preview_images(t.val_set, 8).to(device),  # fixed images and codes drawn every epoch
-                torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device))
+                prior_sample(cfg.prior, 64, cfg.latent_dim, 0).to(device))
     print_start(t, workers, None if resumed else describe_defaults(cfg, args.given), resumed is not None)
 
     t.clock = time.perf_counter()
@@ -1465,11 +1519,11 @@ def interpolate(args) -> None:
 
 @torch.no_grad()
 def sample(args) -> None:
-    """Images decoded from z ~ N(0, temperature^2 I)."""
+    """Images decoded from z drawn from the model's prior (--prior), scaled by the temperature."""
     if args.n < 1 or args.temperature <= 0:
         raise UserError("--n must be >= 1 and --temperature > 0")
     model, cfg, _, path, device = open_checkpoint(args)
-    z = torch.randn(args.n, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed)) * args.temperature
+    z = prior_sample(cfg.prior, args.n, cfg.latent_dim, args.seed) * args.temperature
     images = to_numpy(model.decode(z.to(device)))
     save_figure(image_grid(images, math.ceil(math.sqrt(args.n))), output_path(args, path.parent, "samples.png"),
                 f"{args.n} samples")
@@ -2484,6 +2538,9 @@ STUDY_VARIANTS.update({
     # at batch 256: the leave-one-out (stratified) estimate of log q(z), and a stronger beta on the TC
     "recipe-tc-beta4-batch256-mss": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --tc-estimator mss",
     "recipe-tc-beta10-batch256": f"{RECIPE} --objective tc --beta 10 --batch-size 256",
+    "recipe-tc-beta6-batch256": f"{RECIPE} --objective tc --beta 6 --batch-size 256",
+    # fewer dims than the recipe's 10 for the 5 factors: less room to split one factor over two dims
+    "recipe-tc-beta4-batch256-latent6": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --latent-dim 6",
     # the decoder's output bias starting at the data's mean, against the early collapse
     "recipe-tc-beta4-batch256-mean-init": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --mean-init",
     # Burgess et al.'s capacity under the TC objective: the information grows a nat per epoch
@@ -2494,6 +2551,13 @@ STUDY_VARIANTS.update({
                                                    "--capacity 15 --capacity-epochs 15",
     # a stronger beta on the TC with the decoder started at the mean (no collapse to leave)
     "recipe-tc-beta10-batch256-mean-init": f"{RECIPE} --objective tc --beta 10 --batch-size 256 --mean-init",
+    # the flat-topped prior, which tells axis-aligned codes from rotated ones; also with the decoder at the mean
+    "recipe-tc-beta4-batch256-gennorm4": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --prior gennorm4",
+    "recipe-tc-beta4-batch256-gennorm4-mean-init": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
+                                                   "--prior gennorm4 --mean-init",
+    # the lr rising over the first epoch or two, against the ReLUs that Adam's first steps switch off
+    **{f"recipe-tc-beta4-batch256-lr-warmup{e}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --lr-warmup {e}"
+       for e in (1, 3)},
     # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
     **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
        f"--free-bits {bits}" for bits in ("0.5", "1")},

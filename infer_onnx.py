@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 PADDING = 2  # pixels around every image of a grid, as torchvision's make_grid
+GENNORM_SCALE = math.sqrt(math.gamma(0.25) / math.gamma(0.75))  # a of the gennorm4 prior: unit variance
 LABEL_WIDTH, HEADER_HEIGHT = 168, 22  # the widest row label, "dim 127 · orientation 0.99", fits
 
 
@@ -148,6 +149,15 @@ def select_dims(ranking: list[tuple[int, float]], spec: str) -> list[tuple[int, 
     return [pair for pair in ranking if pair[0] in dims]
 
 
+def prior_codes(prior: str, n: int, latent_dim: int, seed: int) -> np.ndarray:
+    """(n, latent_dim) draws of the prior: normal, or gennorm4, p(z_d) ~ exp(-(z_d/a)^4) (betavae.py's PRIORS)."""
+    rng = np.random.default_rng(seed)
+    if prior == "gennorm4":  # |z_d/a|^4 follows Gamma(1/4, 1); the sign is a fair coin
+        size = (n, latent_dim)
+        return rng.choice((-1.0, 1.0), size) * GENNORM_SCALE * rng.gamma(0.25, size=size) ** 0.25
+    return rng.standard_normal((n, latent_dim))
+
+
 def traversal_values(limit: float, steps: int) -> np.ndarray:
     if steps < 2 or limit <= 0:
         raise UserError("--steps must be >= 2 and --range > 0")
@@ -247,10 +257,11 @@ class Decoder:
             self.channels, self.size = int(meta["channels"]), int(meta["height"])
             self.ranking = [(int(d), float(kl)) for d, kl in json.loads(meta["dims_by_kl"])]
             self.factors = json.loads(meta.get("dim_factors", "null"))  # per dim [factor, normalised MI]
+            self.prior = meta.get("prior", "normal")  # exports before the choice had the normal prior
         elif latent_dim:
             self.latent_dim, self.channels, self.size = latent_dim, *self.output_shape()
             self.ranking = [(d, None) for d in range(latent_dim)]  # no KL known: index order
-            self.factors = None
+            self.factors, self.prior = None, "normal"
         else:
             raise UserError(f"{path} has no betavae metadata: pass --latent-dim")
         declared = self.session.get_inputs()[0].shape[-1]
@@ -300,11 +311,11 @@ def load_models(args) -> tuple[Decoder, Encoder | None]:
 # Subcommands
 
 def sample(args) -> None:
-    """Images decoded from z ~ N(0, temperature^2 I)."""
+    """Images decoded from z drawn from the model's prior (metadata "prior"), scaled by the temperature."""
     if args.n < 1 or args.temperature <= 0:
         raise UserError("--n must be >= 1 and --temperature > 0")
     decoder, _ = load_models(args)
-    z = np.random.default_rng(args.seed).standard_normal((args.n, decoder.latent_dim)) * args.temperature
+    z = prior_codes(decoder.prior, args.n, decoder.latent_dim, args.seed) * args.temperature
     save_figure(image_grid(decoder(z), int(np.ceil(np.sqrt(args.n)))), Path(args.out), f"{args.n} samples")
 
 
@@ -439,6 +450,7 @@ class Explorer:
         shown = [pair for pair in decoder.ranking if pair[1] is None or pair[1] > 0.01] or decoder.ranking
         labels, _ = traversal_labels(shown, np.zeros(0), decoder.factors)  # as the traversal labels its rows
         self.info = {"latent_dim": decoder.latent_dim, "range": limit, "z_limit": Z_LIMIT,
+                     "prior": decoder.prior, "prior_scale": GENNORM_SCALE,
                      "size": decoder.size, "channels": decoder.channels, "encoder": encoder is not None,
                      "examples": len(encoder.examples) if encoder else 0, "max_upload": MAX_UPLOAD,
                      "sliders": [{"dim": d, "label": label.split("\n")} for (d, _), label in zip(shown, labels)]}
@@ -636,6 +648,10 @@ async function fromServer(path, options) {
 }
 
 function gaussian() { return Math.sqrt(-2 * Math.log(1 - Math.random())) * Math.cos(2 * Math.PI * Math.random()); }
+// the gennorm4 prior, p(z) ~ exp(-(z/a)^4), by rejection from a uniform on |z/a| < 2.5 (the tails hold e^-39)
+function gennorm4() {
+  for (;;) { const u = 5 * Math.random() - 2.5; if (Math.random() < Math.exp(-(u ** 4))) return u * state.info.prior_scale; }
+}
 
 async function start() {
   state.info = await (await fetch("/info")).json();
@@ -656,7 +672,7 @@ async function start() {
     const value = Object.assign(document.createElement("span"), { id: "value" + s.dim, textContent: "0.00" });
     $("sliders").append(label, slider, value);
   }
-  $("random").onclick = () => setCode(Array.from({ length: latent_dim }, gaussian));
+  $("random").onclick = () => setCode(Array.from({ length: latent_dim }, state.info.prior === "gennorm4" ? gennorm4 : gaussian));
   $("reset").onclick = () => setCode(new Array(latent_dim).fill(0));
   $("encoder-buttons").hidden = !state.info.encoder;
   $("example").disabled = state.info.examples === 0;

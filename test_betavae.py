@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,6 +167,47 @@ def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
     torch.testing.assert_close(closed, monte_carlo, atol=0.03, rtol=0.02)
 
 
+GENNORM_KURTOSIS = math.gamma(1.25) * math.gamma(0.25) / math.gamma(0.75) ** 2  # 2.19, the normal's is 3
+
+
+def test_gennorm4_prior_is_a_unit_variance_density_and_the_normal_is_torchs():
+    z = torch.linspace(-8, 8, 160_001, dtype=torch.float64)
+    density = bv.log_prior(z, "gennorm4").exp()
+    moments = [torch.trapezoid(density * z.pow(k), z).item() for k in (0, 1, 2, 4)]
+    assert moments == pytest.approx([1.0, 0.0, 1.0, GENNORM_KURTOSIS], abs=1e-9)
+    assert density[80_000].item() == pytest.approx(1 / (2 * bv.GENNORM_SCALE * math.gamma(1.25)))  # by hand at 0
+    torch.testing.assert_close(bv.log_prior(z, "normal"), Normal(0.0, 1.0).log_prob(z))
+
+
+def test_closed_form_kl_to_the_gennorm4_prior_matches_monte_carlo():
+    g = torch.Generator().manual_seed(7)
+    mu = 0.7 * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    logvar = torch.randn(5, 3, generator=g, dtype=torch.float64) - 1
+    q = Normal(mu, (0.5 * logvar).exp())
+    z = q.sample((400_000,))
+    hand_log_prior = -math.log(2 * bv.GENNORM_SCALE * math.gamma(1.25)) - (z / bv.GENNORM_SCALE) ** 4
+    monte_carlo = (q.log_prob(z) - hand_log_prior).mean(0)
+    closed = bv.kl_per_dim(mu, logvar, "gennorm4")
+    torch.testing.assert_close(closed, monte_carlo, atol=0.02, rtol=0.01)
+    # the standard normal, the prior's nearest posterior, still pays a little: their shapes differ
+    at_normal = bv.kl_per_dim(torch.zeros(1), torch.zeros(1), "gennorm4").item()
+    assert 0 < at_normal < 0.1 and bv.kl_per_dim(torch.zeros(1), torch.zeros(1)).item() == 0
+
+
+@pytest.mark.parametrize("prior", ["normal", "gennorm4"])
+def test_prior_codes_follow_the_prior(prior):
+    codes = onnx_tool.prior_codes(prior, 100_000, 2, seed=0)
+    kurtosis = (codes ** 4).mean(0) / (codes ** 2).mean(0) ** 2
+    assert codes.mean(0) == pytest.approx([0, 0], abs=0.015) and codes.var(0) == pytest.approx([1, 1], abs=0.015)
+    assert kurtosis == pytest.approx([3.0 if prior == "normal" else GENNORM_KURTOSIS] * 2, abs=0.05)
+    assert np.array_equal(onnx_tool.prior_codes(prior, 5, 2, seed=1), onnx_tool.prior_codes(prior, 5, 2, seed=1))
+    if prior == "gennorm4":  # betavae.py draws the same codes, as float32
+        np.testing.assert_allclose(bv.prior_sample(prior, 5, 2, 1).numpy(), onnx_tool.prior_codes(prior, 5, 2, 1),
+                                   rtol=1e-6)
+    else:  # torch's normal draws, as before the prior was a choice
+        assert torch.equal(bv.prior_sample(prior, 5, 2, 1), torch.randn(5, 2, generator=torch.Generator().manual_seed(1)))
+
+
 # The KL's parts (Chen et al. 2018): index-code MI, total correlation, dimension-wise KL
 
 def brute_force_decomposition(z, mu, logvar, weight):
@@ -202,14 +244,17 @@ def test_kl_decomposition_matches_a_brute_force_computation(estimator):
     assert [parts[k].item() for k in ("mi", "tc", "dwkl")] == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-def test_kl_parts_add_up_to_the_monte_carlo_kl():
+@pytest.mark.parametrize("prior", ["normal", "gennorm4"])
+def test_kl_parts_add_up_to_the_monte_carlo_kl(prior):
     g = torch.Generator().manual_seed(4)
     mu, logvar = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randn(64, 6, generator=g, dtype=torch.float64)
     q = Normal(mu, (0.5 * logvar).exp())
     z = q.sample()
-    monte_carlo = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(1).mean()
+    log_prior = Normal(0.0, 1.0).log_prob(z) if prior == "normal" else \
+        -math.log(2 * bv.GENNORM_SCALE * math.gamma(1.25)) - (z / bv.GENNORM_SCALE) ** 4
+    monte_carlo = (q.log_prob(z) - log_prior).sum(1).mean()
     for estimator in ("mws", "mss"):
-        parts = bv.kl_decomposition(z, mu, logvar, bv.log_importance_weights(64, 10_000, estimator))
+        parts = bv.kl_decomposition(z, mu, logvar, bv.log_importance_weights(64, 10_000, estimator), prior)
         assert (parts["mi"] + parts["tc"] + parts["dwkl"]).item() == pytest.approx(monte_carlo.item(), abs=1e-10)
 
 
@@ -519,9 +564,20 @@ def test_lr_patience_reaches_the_scheduler_and_may_change_on_resume(tmp_path):
     assert stored() == (9, 9)  # the loaded scheduler state does not bring the old patience back
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or `kill` / a job scheduler
-def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch, stop):
-    assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
+def test_lr_warmup_rises_step_by_step_to_the_lr_and_hands_over_to_the_scheduler(tmp_path):
+    cfg = bv.Config(lr=1e-3, lr_warmup=2)
+    rising = [bv.warm_lr(cfg, epoch, step, 4) for epoch in (1, 2) for step in range(4)]
+    assert rising == pytest.approx([1e-3 * k / 8 for k in range(1, 9)])
+    assert train_in_process(tmp_path / "run", "--epochs", "3", "--lr", "1e-3", "--lr-warmup", "2") == 0
+    assert [float(lr) for lr, in read_rows(tmp_path / "run/history.csv", "lr")] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-3
+
+
+# Ctrl-C, or `kill` / a job scheduler; and Ctrl-C inside a warm-up, whose lr depends on the step
+@pytest.mark.parametrize("stop, flags", [(signal.SIGINT, []), (signal.SIGTERM, []),
+                                         (signal.SIGINT, ["--lr-warmup", "2"])])
+def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch, stop, flags):
+    assert train_in_process(tmp_path / "straight", "--epochs", "2", *flags) == 0
     calls, real_step = [], bv.train_step
 
     def step_then_ctrl_c(*args, **kwargs):
@@ -532,11 +588,11 @@ def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch, stop)
         return parts
 
     monkeypatch.setattr(bv, "train_step", step_then_ctrl_c)
-    assert train_in_process(tmp_path / "split", "--epochs", "2") == 130
+    assert train_in_process(tmp_path / "split", "--epochs", "2", *flags) == 130
     stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)["run"]
     assert (stopped["epoch"], stopped["step"]) == (1, 2)
     monkeypatch.setattr(bv, "train_step", real_step)
-    assert train_in_process(tmp_path / "split", "--epochs", "2", "--resume") == 0
+    assert train_in_process(tmp_path / "split", "--epochs", "2", "--resume", *flags) == 0
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
 
 
@@ -679,6 +735,7 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--latent-dim", "0"], "--latent-dim must be >= 1"),
     (["--lr-patience", "-1"], "--lr-patience must be >= 0"),
+    (["--lr-warmup", "6"], "--lr-warmup must be 0 to --lr-patience epochs"),
     (["--beta", "nan"], "must be a finite number"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
@@ -688,11 +745,23 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--workers", "2"], "rendered on the training device"),
     (["--out", "__FILE__/run"], "cannot write to --out"),
 ])
-def test_bad_flags_give_one_line(tmp_path, flags, message):
+def test_bad_flags_give_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "file").write_text("")
     flags = [f.replace("__FILE__", str(tmp_path / "file")) for f in flags]
     out = [] if "--out" in flags else ["--out", tmp_path / "run"]
-    assert_one_line_error(run_cli("train", *TINY, *out, *flags), message)
+    assert_one_line_error(cli_in_process(capsys, "train", *TINY, *out, *flags), message)
+
+
+def cli_in_process(capsys, *args):
+    """betavae.py's command line run in this process (seconds faster than run_cli, which imports torch
+    anew): its exit code and output, as run_cli's result has them. Any exception but the exit escapes."""
+    try:
+        bv.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def assert_one_line_error(result, message):
@@ -841,7 +910,7 @@ def test_images_of_another_size_and_mode_are_converted(tiny_run, tmp_path):
     assert x.shape == (1, 1, 64, 64) and np.array_equal(x, np.ones_like(x))
 
 
-def test_picture_commands_reject_bad_input(tiny_run, tmp_path):
+def test_picture_commands_reject_bad_input(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "truncated.pt").write_bytes((out / "best.pt").read_bytes()[:5000])
@@ -861,7 +930,7 @@ def test_picture_commands_reject_bad_input(tiny_run, tmp_path):
         (["plot", "--run", tmp_path], "no history.csv"),
     ]
     for args, message in cases:
-        assert_one_line_error(run_cli(*args, "--out", tmp_path / "x.png"), message)
+        assert_one_line_error(cli_in_process(capsys, *args, "--out", tmp_path / "x.png"), message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -912,14 +981,16 @@ def test_export_matches_pytorch_at_batch_1_and_7(exported):
 
 
 def test_burgess_network_trains_the_tc_objective_exports_and_draws(tmp_path):
-    """The second network end to end: the checkpoint names it, every tool rebuilds it, ONNX matches it."""
+    """The second network and the second prior end to end: the checkpoint names them, every tool rebuilds
+    the model, ONNX matches it, both tools sample the prior."""
     out = tmp_path / "burgess"
     result = run_cli("train", *TINY, "--epochs", "1", "--arch", "burgess", "--objective", "tc", "--recon", "bce",
-                     "--tc-estimator", "mss", "--out", out)
+                     "--tc-estimator", "mss", "--prior", "gennorm4", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "beta 4 on the total correlation only" in result.stdout and "minibatch-stratified" in result.stdout
+    assert "KL to the prior p(z_d) = exp(-(z_d/1.7201)^4)/Z" in result.stdout
     model, cfg = bv.load_checkpoint(out / "best.pt")
-    assert (cfg.arch, cfg.objective, cfg.tc_estimator) == ("burgess", "tc", "mss")
+    assert (cfg.arch, cfg.objective, cfg.tc_estimator, cfg.prior) == ("burgess", "tc", "mss", "gennorm4")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     # the logged validation objective is recon + KL + 3 TC, recomputed from the logged parts
     row = next(csv.DictReader(open(out / "history.csv")))
@@ -935,6 +1006,13 @@ def test_burgess_network_trains_the_tc_objective_exports_and_draws(tmp_path):
         None, {"z": z.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(decoded, model.decode(z).numpy(), atol=1e-5)
+        drawn = model.decode(torch.from_numpy(onnx_tool.prior_codes("gennorm4", 4, cfg.latent_dim, 0)).float())
+    expected = np.asarray(onnx_tool.image_grid(drawn.numpy(), 2), dtype=int)
+    assert run_script("infer_onnx.py", "sample", "--model", out / "decoder.onnx", "--n", "4",
+                      "--out", tmp_path / "onnx.png").returncode == 0
+    assert run_cli("sample", "--checkpoint", out / "best.pt", "--n", "4", "--out", tmp_path / "torch.png").returncode == 0
+    for picture in ("onnx.png", "torch.png"):  # both drew the prior's codes of seed 0 (within a level of rounding)
+        assert np.abs(np.asarray(png(tmp_path / picture), dtype=int) - expected).max() <= 1, picture
     for command in ("traverse", "reconstruct"):
         assert run_cli(command, "--checkpoint", out / "best.pt").returncode == 0, command
     result = run_cli("evaluate", "--checkpoint", out / "best.pt", "--metrics", "mig", "--n", "100")
@@ -952,9 +1030,9 @@ def test_export_metadata_round_trip(exported):
     assert [d for d, _ in json.loads(props["dims_by_kl"])] == [d for d, _ in ranking]
     assert [kl for _, kl in json.loads(props["dims_by_kl"])] == pytest.approx([kl for _, kl in ranking], abs=1e-6)
     assert props["beta"] == "4.0" and props["dataset"] == "shapes" and props["epoch"] == "2"
-    assert props["betavae_version"] == bv.__version__ and props["role"] == "decoder"
+    assert props["betavae_version"] == bv.__version__ and props["role"] == "decoder" and props["prior"] == "normal"
     decoder = onnx_tool.Decoder(out / "decoder.onnx")
-    assert (decoder.latent_dim, decoder.channels, decoder.size) == (4, 1, 64)
+    assert (decoder.latent_dim, decoder.channels, decoder.size, decoder.prior) == (4, 1, 64, "normal")
     # the factor labels: measured on the validation images at the last epoch, stored, exported, read back
     assert len(state["dim_factors"]) == 4 and all(name in bv.FACTOR_NAMES for name, _ in state["dim_factors"])
     assert decoder.factors == state["dim_factors"]
@@ -1515,7 +1593,7 @@ def test_image_folder_skips_and_reports_broken_files(tmp_path, capsys):
     assert bv.ImageFiles(grey).channels == 1  # every image grey: one channel
 
 
-def test_missing_or_empty_data_gives_one_line(tmp_path):
+def test_missing_or_empty_data_gives_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [(["--dataset", "folder", "--data-dir", tmp_path / "empty"], "no readable image"),
              (["--dataset", "folder", "--data-dir", tmp_path / "missing"], "is not a folder"),
@@ -1524,7 +1602,7 @@ def test_missing_or_empty_data_gives_one_line(tmp_path):
              (["--dataset", "fashion-mnist", "--data-dir", tmp_path], "FashionMNIST/raw"),
              (["--dataset", "celeba", "--data-dir", tmp_path], "place them there by hand")]
     for flags, message in cases:
-        assert_one_line_error(run_cli("train", *TINY, "--out", tmp_path / "run", *flags), message)
+        assert_one_line_error(cli_in_process(capsys, "train", *TINY, "--out", tmp_path / "run", *flags), message)
 
 
 def test_train_one_tiny_epoch_on_each_local_dataset(tmp_path):
