@@ -106,7 +106,7 @@ class Config:
     # optimisation
     lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau, see --lr-patience)")
     lr_warmup: int = option(0, "epochs over which the lr rises step by step from near 0 to --lr, so that Adam's "
-                            "first steps, as large as its later ones, do not switch ReLUs off for good (0: off)")
+                            "first steps are smaller than its later ones (0: off)")
     lr_patience: int = option(5, "epochs without a better validation objective that ReduceLROnPlateau "
                               "tolerates; the next one halves the lr (a long run may want more; may change "
                               "on --resume)")
@@ -2555,7 +2555,7 @@ STUDY_VARIANTS.update({
     "recipe-tc-beta4-batch256-gennorm4": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --prior gennorm4",
     "recipe-tc-beta4-batch256-gennorm4-mean-init": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
                                                    "--prior gennorm4 --mean-init",
-    # the lr rising over the first epoch or two, against the ReLUs that Adam's first steps switch off
+    # the lr rising over the first epochs: do Adam's first steps, as large as any, cause the early collapse?
     **{f"recipe-tc-beta4-batch256-lr-warmup{e}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --lr-warmup {e}"
        for e in (1, 3)},
     # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse

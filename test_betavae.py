@@ -1232,6 +1232,12 @@ def test_explorer_in_a_real_browser_moves_a_slider_and_shows_the_decoders_image(
             z = page.evaluate("() => window.explorer.shownZ")
             assert np.array_equal(png_pixels(__import__("base64").b64decode(after.split(",")[1])), decoded_png(decoder, z))
             assert page.text_content("#status").startswith("decoded in")
+            # the random button draws from the model's prior; the page's gennorm4 sampler has that prior's moments
+            page.click("#random")
+            page.wait_for_function(f"() => ({idle})() && window.explorer.shownZ[{dim}] !== 2.5")
+            draws = np.array(page.evaluate("() => Array.from({ length: 40000 }, gennorm4)"))
+            assert draws.var() == pytest.approx(1, abs=0.03)
+            assert (draws ** 4).mean() / draws.var() ** 2 == pytest.approx(GENNORM_KURTOSIS, abs=0.06)
         finally:
             browser.close()
 
