@@ -85,8 +85,8 @@ class Config:
     channels: int = option(0, "image channels for --dataset folder: 1 or 3 (0: 3 unless every image is grey); "
                            "set from the data for the others", choices=[0, 1, 3])
     prior: str = option("normal", "p(z): the standard normal, or gennorm4, a flat-topped generalised normal "
-                        "(shape 4, unit variance) under which rotated codes cost more than axis-aligned ones",
-                        choices=["normal", "gennorm4"])
+                        "(shape 4, unit variance) whose rotated codes are not independent; it did not help on "
+                        "the shapes (docs/study.md)", choices=["normal", "gennorm4"])
     # loss
     recon: str = option("mse", "reconstruction term: squared error or Bernoulli cross-entropy",
                         choices=["mse", "bce"])
@@ -210,8 +210,8 @@ def check_config(cfg: Config) -> None:
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
         (cfg.lr_patience >= 0, "--lr-patience must be >= 0"),
-        (0 <= cfg.lr_warmup <= max(cfg.lr_patience, 1), "--lr-warmup must be 0 to --lr-patience epochs: "
-                                                        "ReduceLROnPlateau must not act while the lr rises"),
+        (0 <= cfg.lr_warmup <= cfg.lr_patience, "--lr-warmup must be 0 to --lr-patience epochs: "
+                                                 "ReduceLROnPlateau must not act while the lr rises"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.clip_grad >= 0, "--clip-grad must be >= 0"),
@@ -544,8 +544,7 @@ class BetaVAE(nn.Module):
 # independent non-normal dims is not (Darmois-Skitovich, the reason ICA works), and the dimension-wise KL
 # pulls each marginal towards this flat-topped shape, so the total correlation sees the rotation.
 # GENNORM_SCALE, a = sqrt(G(1/4)/G(3/4)), makes the variance a^2 G(3/4)/G(1/4) = 1 (infer_onnx.py samples it).
-PRIORS = {"normal": "N(0, 1)", "gennorm4": f"exp(-(z_d/{GENNORM_SCALE:.4f})^4)/Z, a generalised normal of shape 4 "
-                                           "and unit variance"}
+GENNORM = f"exp(-(z_d/{GENNORM_SCALE:.4f})^4)/Z, a generalised normal of shape 4 and unit variance"
 GENNORM_LOG_NORM = math.log(2 * GENNORM_SCALE * math.gamma(1.25))  # log Z
 
 
@@ -680,7 +679,7 @@ def describe_loss(cfg: Config, n_data: int) -> str:
     else:
         objective = (f"recon + {cfg.gamma:g}*|{kl} - C|, C rising from 0 to {cfg.capacity:g} nats over "
                      f"{cfg.capacity_epochs} epochs")
-    prior = "" if cfg.prior == "normal" else f" to the prior p(z_d) = {PRIORS[cfg.prior]}"
+    prior = "" if cfg.prior == "normal" else f" to the prior p(z_d) = {GENNORM}"
     return (f"loss: recon = {error} summed over {pixels} pixels, mean over the batch; KL{prior} = closed form "
             f"summed over {cfg.latent_dim} latent dims, mean over the batch\n"
             f"objective: {objective}")

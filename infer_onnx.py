@@ -150,7 +150,7 @@ def select_dims(ranking: list[tuple[int, float]], spec: str) -> list[tuple[int, 
 
 
 def prior_codes(prior: str, n: int, latent_dim: int, seed: int) -> np.ndarray:
-    """(n, latent_dim) draws of the prior: normal, or gennorm4, p(z_d) ~ exp(-(z_d/a)^4) (betavae.py's PRIORS)."""
+    """(n, latent_dim) draws of the prior: normal, or gennorm4, p(z_d) ~ exp(-(z_d/a)^4) (betavae.py's --prior)."""
     rng = np.random.default_rng(seed)
     if prior == "gennorm4":  # |z_d/a|^4 follows Gamma(1/4, 1); the sign is a fair coin
         size = (n, latent_dim)
