@@ -1738,6 +1738,8 @@ def add_measuring_commands(commands) -> None:
     p.add_argument("--common", default="", help='train flags added to every variant, e.g. "--epoch-size 10000"')
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
     p.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
+    p.add_argument("--collect", action="store_true",
+                   help="train and score nothing: tabulate the stages already scored, as after a stopped study")
     p.set_defaults(func=study)
 
     p = commands.add_parser("plot", help="charts of a run's history.csv", description=plot.__doc__)
@@ -2578,11 +2580,17 @@ def run_cli(argv: list[str], log: Path, threads: int) -> None:
 
 
 def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
-    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage; its rows."""
+    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage; its rows. With
+    --collect, only the rows of the stages already scored."""
     out = Path(args.out) / f"{variant}-seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    if args.collect:
+        if not (out / "config.json").exists():
+            return []
+        stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
     flags = shlex.split(STUDY_BASE) + shlex.split(STUDY_VARIANTS[variant]) + shlex.split(args.common)
-    stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
     trained = len(read_history(out / "history.csv")) if (out / "history.csv").exists() else 0
     # a stage the run has trained past without scoring it (an earlier call's other --eval-epochs) is gone
     stages = [epoch for epoch in stages if epoch >= trained or (out / f"metrics_e{epoch:03d}.json").exists()]
@@ -2660,12 +2668,17 @@ def study(args) -> None:
     out = Path(args.out)
     make_output_folder(out)
     runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
-    print(f"study: {len(runs)} runs of {args.epochs} epochs, {args.jobs} at a time with {threads} threads each, "
-          f"scored every {args.eval_epochs} epochs (MIG on n {args.n}, FactorVAE on {args.points[0]}/{args.points[1]} "
-          f"points) | writing {out}")
+    if args.collect:
+        print(f"study: tabulating the stages already scored of {len(runs)} runs in {out}, training nothing")
+    else:
+        print(f"study: {len(runs)} runs of {args.epochs} epochs, {args.jobs} at a time with {threads} threads "
+              f"each, scored every {args.eval_epochs} epochs (MIG on n {args.n}, FactorVAE on "
+              f"{args.points[0]}/{args.points[1]} points) | writing {out}")
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: the work runs in the subprocesses
         results = list(pool.map(lambda run: study_run(args, *run, threads), runs))
     rows = [row for result in results for row in result]
+    if not rows:
+        raise UserError(f"no scored stages in {out} for these variants and seeds: nothing to tabulate")
     with open(out / "study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, STUDY_FIELDS)
         w.writeheader()

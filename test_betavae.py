@@ -1815,6 +1815,12 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
     assert log.count("$ betavae.py train") == 2 and log.count("--resume") == 1
     again = run_cli(*args)
     assert again.returncode == 0 and (tmp_path / "study/tutorial-seed0/log.txt").read_text() == log
+    # --collect rewrites the table from the scored stages alone (a stopped study writes none), training nothing
+    (tmp_path / "study/study.csv").unlink()
+    collected = run_cli(*args, "--collect")
+    assert collected.returncode == 0, collected.stderr
+    assert list(csv.DictReader(open(tmp_path / "study/study.csv"))) == rows
+    assert (tmp_path / "study/tutorial-seed0/log.txt").read_text() == log
     # a stage the run trained past unscored (as after a call with another --eval-epochs) is not scored on a
     # later model: it is left out, and the run goes on from where it is
     (tmp_path / "study/tutorial-seed0/metrics_e001.json").unlink()
@@ -1825,6 +1831,8 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path):
     assert [(r["variant"], r["epoch"]) for r in rows] == [("tutorial", "2"), ("tutorial", "3")]
     bad = run_cli("study", "--variants", "tutorial,fastest", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "unknown variant fastest" in bad.stderr
+    nothing = run_cli("study", "--variants", "tutorial", "--collect", "--out", tmp_path / "none")
+    assert nothing.returncode == 2 and "no scored stages" in nothing.stderr and list((tmp_path / "none").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------
