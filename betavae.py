@@ -2610,7 +2610,8 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
     for epoch in stages:
         scores, row = json.loads((out / f"metrics_e{epoch:03d}.json").read_text()), history[epoch]
         rows.append({"variant": variant, "seed": seed, "epoch": epoch, "images": epoch * epoch_size,
-                     "minutes": row["elapsed_s"] / 60, "threads": threads, "mig": scores["mig"],
+                     "minutes": row["elapsed_s"] / 60, "mig": scores["mig"],
+                     "threads": "" if args.collect else threads,  # a collected run's are not on record
                      "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
                      "mig_per_factor": " ".join(f"{k}={v:.3f}" for k, v in scores["mig_per_factor"].items()),
                      "val_kl": row["val_kl"], "active_dims": int(row["active_dims"])})
