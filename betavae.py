@@ -2579,18 +2579,12 @@ def run_cli(argv: list[str], log: Path, threads: int) -> None:
         raise UserError(f"betavae.py {argv[0]} failed (exit {done.returncode}); see {log}")
 
 
-def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
-    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage; its rows. With
-    --collect, only the rows of the stages already scored."""
-    out = Path(args.out) / f"{variant}-seed{seed}"
-    if args.collect:
-        if not (out / "config.json").exists():
-            return []
-        stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
+def study_stages(args, variant: str, seed: int, threads: int, out: Path) -> list[int]:
+    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage into out
+    (skipping the stages already scored); the stages' epochs."""
+    out.mkdir(parents=True, exist_ok=True)
     flags = shlex.split(STUDY_BASE) + shlex.split(STUDY_VARIANTS[variant]) + shlex.split(args.common)
+    stages = sorted({*range(args.eval_epochs, args.epochs + 1, args.eval_epochs), args.epochs})
     trained = len(read_history(out / "history.csv")) if (out / "history.csv").exists() else 0
     # a stage the run has trained past without scoring it (an earlier call's other --eval-epochs) is gone
     stages = [epoch for epoch in stages if epoch >= trained or (out / f"metrics_e{epoch:03d}.json").exists()]
@@ -2604,6 +2598,19 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
         run_cli(["evaluate", "--checkpoint", str(out / "last.pt"), "--metrics", "mig,factor_vae",
                  "--n", str(args.n), "--points", *map(str, args.points), "--device", args.device,
                  "--out", str(scores)], out / "log.txt", threads)
+    return stages
+
+
+def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
+    """One variant and seed's rows: its stages trained and scored, or with --collect only those already
+    scored."""
+    out = Path(args.out) / f"{variant}-seed{seed}"
+    if not args.collect:
+        stages = study_stages(args, variant, seed, threads, out)
+    elif (out / "config.json").exists():
+        stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
+    else:
+        return []
     history = {row["epoch"]: row for row in read_history(out / "history.csv")}
     epoch_size = json.loads((out / "config.json").read_text())["epoch_size"]
     rows = []
