@@ -77,9 +77,10 @@ class Config:
     epoch_size: int = option(20000, "training images drawn per epoch; 0 means a full pass")
     # model
     latent_dim: int = option(128, "number of latent dimensions")
-    arch: str = option("tutorial", "network: the tutorial's (3x3 convs, BatchNorm, LeakyReLU) or Burgess et al.'s "
-                       "(4x4 convs, ReLU, no BatchNorm; disentanglement_lib's for dSprites)",
-                       choices=["tutorial", "burgess"])
+    arch: str = option("tutorial", "network: the tutorial's (3x3 convs, BatchNorm, LeakyReLU), Burgess et al.'s "
+                       "(4x4 convs, ReLU, no BatchNorm; disentanglement_lib's for dSprites), or broadcast: "
+                       "Burgess et al.'s encoder with a spatial broadcast decoder (Watters et al. 2019)",
+                       choices=["tutorial", "burgess", "broadcast"])
     mean_init: bool = option(False, "start the decoder's output bias at the logit of the training images' mean "
                              "intensity, so the first steps learn the shapes rather than the background")
     channels: int = option(0, "image channels for --dataset folder: 1 or 3 (0: 3 unless every image is grey); "
@@ -435,10 +436,13 @@ def epoch_batches(train_set: Dataset, cfg: Config, generator: torch.Generator) -
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: a convolutional encoder and its mirror image as decoder, in one of two networks. `tutorial`
+# Model: a convolutional encoder and a decoder back to the image, in one of three networks. `tutorial`
 # is the tutorial's (3x3 convs with BatchNorm); `burgess` is Burgess et al. 2018's, which disentanglement_lib
 # trains on dSprites (4x4 convs, ReLU, no BatchNorm: the total-correlation estimate compares the samples of
-# a batch with each other, and BatchNorm would couple them).
+# a batch with each other, and BatchNorm would couple them). `broadcast` keeps Burgess et al.'s encoder and
+# draws with Watters et al. 2019's spatial broadcast decoder: z is copied to every cell of a grid, beside
+# the cell's own x and y, so a position is a shift against those coordinate channels rather than a map from
+# 10 numbers to a 4x4 layout that a fully connected layer must learn.
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
@@ -456,6 +460,13 @@ def relu_convs(kind, widths: list[int]) -> list[nn.Module]:
 
 
 GRID = {"tutorial": (256, 4, 4), "burgess": (64, 4, 4)}  # the feature map at the bottleneck, (C, 4, 4)
+BROADCAST_SIDE = 16  # the broadcast grid: 16x16 cells, then two upsamplings to 64 (a 64x64 grid costs 30x more)
+
+
+def coordinate_grid(side: int) -> torch.Tensor:
+    """(1, 2, side, side): each cell's x (channel 0, left to right) and y (channel 1, top to bottom) in [-1, 1]."""
+    ticks = torch.linspace(-1, 1, side)
+    return torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"))[None]
 
 
 class Encoder(nn.Module):
@@ -463,7 +474,7 @@ class Encoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial"):
         super().__init__()
-        if arch == "burgess":  # 64 -> 32 -> 16 -> 8 -> 4, then a hidden layer of 256
+        if arch in ("burgess", "broadcast"):  # 64 -> 32 -> 16 -> 8 -> 4, then a hidden layer of 256
             self.net = nn.Sequential(*relu_convs(nn.Conv2d, [channels, 32, 32, 64, 64]), nn.Flatten(),
                                      nn.Linear(64 * 4 * 4, 256), nn.ReLU())  # (B, 256)
             features = 256
@@ -484,9 +495,14 @@ class Decoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial"):
         super().__init__()
-        self.grid = GRID[arch]
-        # four upsamplings mirror the encoder's four downsamplings: 4 -> 8 -> 16 -> 32 -> 64
-        if arch == "burgess":
+        self.grid = GRID.get(arch)
+        # burgess and tutorial mirror the encoder's four downsamplings: 4 -> 8 -> 16 -> 32 -> 64
+        if arch == "broadcast":  # (latent_dim + 2, 16, 16) -> two 3x3 convs -> 16 -> 32 -> 64
+            self.register_buffer("coords", coordinate_grid(BROADCAST_SIDE))
+            self.net = nn.Sequential(nn.Conv2d(latent_dim + 2, 64, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                                     *relu_convs(nn.ConvTranspose2d, [64, 32]), nn.ConvTranspose2d(32, channels, 4, 2, 1))
+        elif arch == "burgess":
             self.fc = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 64 * 4 * 4), nn.ReLU())
             self.net = nn.Sequential(*relu_convs(nn.ConvTranspose2d, [64, 64, 32, 32]),
                                      nn.ConvTranspose2d(32, channels, 4, 2, 1))
@@ -496,6 +512,9 @@ class Decoder(nn.Module):
                                      deconv_block(32, 32), nn.Conv2d(32, channels, 3, padding=1))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
+        if self.grid is None:  # broadcast: every cell gets all of z and its own coordinates
+            tiled = z[:, :, None, None].expand(-1, -1, BROADCAST_SIDE, BROADCAST_SIDE)
+            return self.net(torch.cat([tiled, self.coords.expand_as(tiled[:, :2])], dim=1))  # (B, C, 64, 64)
         return self.net(self.fc(z).view(-1, *self.grid))  # (B, C, 64, 64)
 
     @torch.no_grad()
@@ -2563,6 +2582,8 @@ STUDY_VARIANTS.update({
     # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
     **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
        f"--free-bits {bits}" for bits in ("0.5", "1")},
+    # Watters et al.'s spatial broadcast decoder: a position is a shift against axis-aligned coordinate channels
+    "recipe-tc-beta4-batch256-broadcast": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "val_recon", "val_kl", "active_dims", "mig_per_factor"]

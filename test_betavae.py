@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from torch.distributions import Normal, kl_divergence  # noqa: E402
 
 import betavae as bv  # noqa: E402
+import export  # noqa: E402
 import infer_onnx as onnx_tool  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -364,7 +365,7 @@ def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
 # ---------------------------------------------------------------------------------------------------
 # Model
 
-@pytest.mark.parametrize("arch", ["tutorial", "burgess"])
+@pytest.mark.parametrize("arch", ["tutorial", "burgess", "broadcast"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_model_shapes_and_range(channels, arch):
     model = bv.BetaVAE(latent_dim=6, channels=channels, arch=arch).eval()
@@ -380,7 +381,29 @@ def test_model_shapes_and_range(channels, arch):
     assert logits.shape == (2, channels, 64, 64)
 
 
-@pytest.mark.parametrize("arch", ["tutorial", "burgess"])
+def test_broadcast_decoder_gives_every_cell_all_of_z_and_its_own_coordinates(tmp_path):
+    model = bv.BetaVAE(latent_dim=4, arch="broadcast").eval()
+    seen = []
+    model.decoder.net[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    z = torch.randn(3, 4)
+    assert model.decode(z).shape == (3, 1, 64, 64)
+    grid = seen[0]
+    assert grid.shape == (3, 6, 16, 16)
+    torch.testing.assert_close(grid[:, :4], z[:, :, None, None].expand(3, 4, 16, 16))
+    x, y = grid[1, 4], grid[1, 5]
+    assert (x[:, 0] == -1).all() and (x[:, -1] == 1).all() and (x.diff(dim=1) > 0).all() and (x.diff(dim=0) == 0).all()
+    assert (y[0] == -1).all() and (y[-1] == 1).all() and (y.diff(dim=0) > 0).all() and (y.diff(dim=1) == 0).all()
+    # the tiling and the coordinate channels survive the ONNX export, at any batch size
+    import onnxruntime as ort
+    export.export_module(model.decoder, torch.randn(2, 4), tmp_path / "decoder.onnx", "z", ["image"], 18)
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        z = torch.randn(n, 4)
+        with torch.no_grad():
+            np.testing.assert_allclose(session.run(None, {"z": z.numpy()})[0], model.decode(z).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tutorial", "burgess", "broadcast"])
 def test_mean_init_starts_the_decoder_at_the_datas_mean_intensity(arch, tmp_path):
     train_set = torch.utils.data.Subset(bv.Shapes(), range(0, 737_280, 7919))  # 94 images: all of them are read
     mean = bv.mean_intensity(train_set)
