@@ -460,7 +460,7 @@ def relu_convs(kind, widths: list[int]) -> list[nn.Module]:
 
 
 GRID = {"tutorial": (256, 4, 4), "burgess": (64, 4, 4)}  # the feature map at the bottleneck, (C, 4, 4)
-BROADCAST_SIDE = 16  # the broadcast grid: 16x16 cells, then two upsamplings to 64 (a 64x64 grid costs 30x more)
+BROADCAST_SIDE = 16  # the broadcast grid: 16x16 cells, then two upsamplings to 64 (64x64: ~30x the compute)
 
 
 def coordinate_grid(side: int) -> torch.Tensor:
@@ -495,7 +495,7 @@ class Decoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial"):
         super().__init__()
-        self.grid = GRID.get(arch)
+        self.grid = GRID.get(arch)  # None for broadcast, whose decoder starts from a grid rather than a layer
         # burgess and tutorial mirror the encoder's four downsamplings: 4 -> 8 -> 16 -> 32 -> 64
         if arch == "broadcast":  # (latent_dim + 2, 16, 16) -> two 3x3 convs -> 16 -> 32 -> 64
             self.register_buffer("coords", coordinate_grid(BROADCAST_SIDE))
