@@ -1797,7 +1797,7 @@ def test_train_prints_the_defaults_it_used(tmp_path, capsys):
     bv.main(["train", "--epoch-size", "16", "--batch-size", "16", "--val-size", "16", "--epochs", "1",
              "--device", "cpu", "--out", str(tmp_path / "run")])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shapes defaults:"))
-    assert line.startswith("shapes defaults: --latent-dim 10, --arch burgess, --recon bce, --lr 0.0005, "
+    assert line.startswith("shapes defaults: --latent-dim 10, --arch broadcast, --recon bce, --lr 0.0005, "
                            "--objective tc (the tutorial's: 128, tutorial, mse, 0.0001, kl)")
     assert "--epochs" not in line and "--batch-size" not in line  # typed, so not defaults
     assert bv.SPRITES_WHY in line and "total correlation" in line
@@ -1904,7 +1904,7 @@ def test_torchrun_two_processes_agree_write_once_and_resume_exactly(tmp_path):
     assert alone.returncode == 2 and "trained by 2 process(es)" in alone.stderr
     sync = run_cli("train", *TINY, "--sync-bn", "--device", "cpu", "--out", tmp_path / "c")
     assert sync.returncode == 2 and "--sync-bn needs torchrun with CUDA" in sync.stderr
-    # the default for shapes (Burgess et al.'s network, no BatchNorm; TC estimated on each rank's batch)
+    # the default for shapes (the broadcast decoder's coordinate buffer, no BatchNorm; TC on each rank's batch)
     default = torchrun("--epochs", "1", "--out", tmp_path / "d")
     assert default.returncode == 0, default.stderr
     assert "weights identical on all 2 processes" in default.stdout and "total correlation" in default.stdout
