@@ -42,7 +42,7 @@ def metadata(cfg: bv.Config, state: dict, ranking: list[tuple[int, float]], fact
             "latent_dim": str(cfg.latent_dim), "channels": str(cfg.channels),
             "height": str(bv.IMAGE_SIZE), "width": str(bv.IMAGE_SIZE),
             "dims_by_kl": json.dumps([[d, round(kl, 6)] for d, kl in ranking]),
-            "beta": str(cfg.beta), "dataset": cfg.dataset, "recon": cfg.recon, "prior": cfg.prior,
+            "beta": str(cfg.beta), "dataset": cfg.dataset, "recon": cfg.recon,
             "epoch": str(state["run"]["epoch"])}
 
 

@@ -29,7 +29,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 PADDING = 2  # pixels around every image of a grid, as torchvision's make_grid
-GENNORM_SCALE = math.sqrt(math.gamma(0.25) / math.gamma(0.75))  # a of the gennorm4 prior: unit variance
 LABEL_WIDTH, HEADER_HEIGHT = 168, 22  # the widest row label, "dim 127 · orientation 0.99", fits
 
 
@@ -101,9 +100,10 @@ def save_figure(image: Image.Image, path: Path, what: str) -> None:
     print(f"wrote {what}: {path}")
 
 
-def read_image(path, channels: int, size: int, name=None) -> np.ndarray:
+def read_image(path, channels: int, size: int, name=None, quiet: bool = False) -> np.ndarray:
     """An image file (a path, or a file object called `name`) as a (1, C, size, size) float32 array in
-    [0, 1]; other sizes and colour modes are centre-cropped, resized and converted, and the user is told."""
+    [0, 1]; other sizes and colour modes are centre-cropped, resized and converted, and the user is told
+    (unless `quiet`: a training set of photos of every size)."""
     name = name or path
     try:
         image = Image.open(path)
@@ -120,7 +120,7 @@ def read_image(path, channels: int, size: int, name=None) -> np.ndarray:
         changes.append(f"centre-cropped and resized {w}x{h} to {size}x{size}")
         image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
         image = image.resize((size, size), Image.BILINEAR)
-    if changes:
+    if changes and not quiet:
         print(f"note: {name}: {', '.join(changes)}")
     array = np.asarray(image, dtype=np.float32) / 255
     return array.reshape(size, size, channels).transpose(2, 0, 1)[None]
@@ -149,13 +149,9 @@ def select_dims(ranking: list[tuple[int, float]], spec: str) -> list[tuple[int, 
     return [pair for pair in ranking if pair[0] in dims]
 
 
-def prior_codes(prior: str, n: int, latent_dim: int, seed: int) -> np.ndarray:
-    """(n, latent_dim) draws of the prior: normal, or gennorm4, p(z_d) ~ exp(-(z_d/a)^4) (betavae.py's --prior)."""
-    rng = np.random.default_rng(seed)
-    if prior == "gennorm4":  # |z_d/a|^4 follows Gamma(1/4, 1); the sign is a fair coin
-        size = (n, latent_dim)
-        return rng.choice((-1.0, 1.0), size) * GENNORM_SCALE * rng.gamma(0.25, size=size) ** 0.25
-    return rng.standard_normal((n, latent_dim))
+def prior_codes(n: int, latent_dim: int, seed: int) -> np.ndarray:
+    """(n, latent_dim) draws of the prior N(0, I)."""
+    return np.random.default_rng(seed).standard_normal((n, latent_dim))
 
 
 def traversal_values(limit: float, steps: int) -> np.ndarray:
@@ -257,11 +253,10 @@ class Decoder:
             self.channels, self.size = int(meta["channels"]), int(meta["height"])
             self.ranking = [(int(d), float(kl)) for d, kl in json.loads(meta["dims_by_kl"])]
             self.factors = json.loads(meta.get("dim_factors", "null"))  # per dim [factor, normalised MI]
-            self.prior = meta.get("prior", "normal")  # exports before the choice had the normal prior
         elif latent_dim:
             self.latent_dim, self.channels, self.size = latent_dim, *self.output_shape()
             self.ranking = [(d, None) for d in range(latent_dim)]  # no KL known: index order
-            self.factors, self.prior = None, "normal"
+            self.factors = None
         else:
             raise UserError(f"{path} has no betavae metadata: pass --latent-dim")
         declared = self.session.get_inputs()[0].shape[-1]
@@ -311,11 +306,11 @@ def load_models(args) -> tuple[Decoder, Encoder | None]:
 # Subcommands
 
 def sample(args) -> None:
-    """Images decoded from z drawn from the model's prior (metadata "prior"), scaled by the temperature."""
+    """Images decoded from z drawn from the prior N(0, I), scaled by the temperature."""
     if args.n < 1 or args.temperature <= 0:
         raise UserError("--n must be >= 1 and --temperature > 0")
     decoder, _ = load_models(args)
-    z = prior_codes(decoder.prior, args.n, decoder.latent_dim, args.seed) * args.temperature
+    z = prior_codes(args.n, decoder.latent_dim, args.seed) * args.temperature
     save_figure(image_grid(decoder(z), int(np.ceil(np.sqrt(args.n)))), Path(args.out), f"{args.n} samples")
 
 
@@ -402,6 +397,7 @@ def bench(args) -> None:
 # The standard library's HTTP server and onnxruntime, nothing else. It serves its page and four
 # endpoints, never a file from disk, and checks every request: a bad one gets its status and one line.
 
+EXPLORER_PAGE = Path(__file__).with_name("explorer.html")  # the page: HTML, CSS and its script
 Z_LIMIT = 10.0  # |z| the server decodes: the prior puts 1.5e-23 of each coordinate beyond; sliders span --range
 MAX_UPLOAD = 4 * 2 ** 20  # bytes of an uploaded image (413 above)
 MAX_JSON = 64 * 2 ** 10  # bytes of a decode request: 10,000 numbers fit
@@ -450,7 +446,6 @@ class Explorer:
         shown = [pair for pair in decoder.ranking if pair[1] is None or pair[1] > 0.01] or decoder.ranking
         labels, _ = traversal_labels(shown, np.zeros(0), decoder.factors)  # as the traversal labels its rows
         self.info = {"latent_dim": decoder.latent_dim, "range": limit, "z_limit": Z_LIMIT,
-                     "prior": decoder.prior, "prior_scale": GENNORM_SCALE,
                      "size": decoder.size, "channels": decoder.channels, "encoder": encoder is not None,
                      "examples": len(encoder.examples) if encoder else 0, "max_upload": MAX_UPLOAD,
                      "sliders": [{"dim": d, "label": label.split("\n")} for (d, _), label in zip(shown, labels)]}
@@ -549,7 +544,7 @@ def explore(args) -> None:
     decoder, encoder = load_models(args)
     explorer = Explorer(decoder, encoder, args.range)
     try:
-        server = ThreadingHTTPServer((args.host, args.port), explorer_handler(explorer, EXPLORER_PAGE.encode(), args.log))
+        server = ThreadingHTTPServer((args.host, args.port), explorer_handler(explorer, EXPLORER_PAGE.read_bytes(), args.log))
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     server.daemon_threads = True  # Ctrl-C does not wait for open connections
@@ -567,133 +562,6 @@ def explore(args) -> None:
         server.server_close()
 
 
-EXPLORER_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>betavae explorer</title>
-<style>
-  body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
-  main { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
-  .images { display: flex; gap: 16px; }
-  figure { margin: 0; text-align: center; }
-  img { width: 192px; height: 192px; image-rendering: pixelated; border: 1px solid #ccc; background: #fff; }
-  #sliders { display: grid; grid-template-columns: max-content 260px 4em; gap: 6px 12px; align-items: center; }
-  .label small { color: #777; display: block; }
-  button, label.upload { margin: 8px 8px 0 0; padding: 6px 12px; font: inherit; cursor: pointer;
-                         border: 1px solid #888; border-radius: 4px; background: #f4f4f4; }
-  label.upload input { display: none; }
-  #status { color: #555; min-height: 1.4em; } #status.error { color: #b00; }
-</style></head>
-<body>
-<h1>betavae explorer</h1>
-<main>
-  <div class="images">
-    <figure id="input-figure" hidden><img id="input" alt="input image"><figcaption>input</figcaption></figure>
-    <figure><img id="decoded" alt="decoded image"><figcaption>decoded</figcaption></figure>
-  </div>
-  <div>
-    <div id="sliders"></div>
-    <div>
-      <button id="random">random z</button><button id="reset">reset to 0</button>
-      <span id="encoder-buttons" hidden><button id="example">next example</button>
-      <label class="upload">upload an image<input type="file" id="upload" accept="image/*"></label></span>
-    </div>
-    <p id="status"></p>
-  </div>
-</main>
-<script>
-// state.z is the whole code; a slider moves one active dim. At most one decode request is in flight: a
-// move made meanwhile is sent when it returns, the newest position only, so the image never lags behind.
-const state = { info: null, z: [], inFlight: false, queued: false, shownZ: null, example: -1 };
-const $ = (id) => document.getElementById(id);
-
-function say(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
-
-async function fail(response) { throw new Error((await response.text()).trim() || response.statusText); }
-
-function setCode(z, inputImage = null) {
-  state.z = z.map((v) => Math.max(-state.info.z_limit, Math.min(state.info.z_limit, v)));
-  for (const s of state.info.sliders) {
-    $("dim" + s.dim).value = state.z[s.dim];
-    $("value" + s.dim).textContent = state.z[s.dim].toFixed(2);
-  }
-  $("input-figure").hidden = inputImage === null;
-  if (inputImage) $("input").src = inputImage;
-  decode();
-}
-
-function decode() {
-  if (state.inFlight) { state.queued = true; return; }
-  state.inFlight = true;
-  const z = state.z.slice(), started = performance.now();
-  fetch("/decode", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ z }) })
-    .then((r) => (r.ok ? r.blob() : fail(r)))
-    .then((blob) => new Promise((done) => { const f = new FileReader(); f.onload = () => done(f.result); f.readAsDataURL(blob); }))
-    .then((url) => {
-      $("decoded").src = url;
-      state.shownZ = z;
-      say(`decoded in ${(performance.now() - started).toFixed(0)} ms`);
-    })
-    .catch((e) => say(e.message, true))
-    .finally(() => {
-      state.inFlight = false;
-      if (state.queued) { state.queued = false; decode(); }
-    });
-}
-
-async function fromServer(path, options) {
-  try {
-    const r = await fetch(path, options);
-    const answer = r.ok ? await r.json() : await fail(r);
-    setCode(answer.z, answer.image);
-  } catch (e) { say(e.message, true); }
-}
-
-function gaussian() { return Math.sqrt(-2 * Math.log(1 - Math.random())) * Math.cos(2 * Math.PI * Math.random()); }
-// the gennorm4 prior, p(z) ~ exp(-(z/a)^4), by rejection from a uniform on |z/a| < 2.5 (the tails hold e^-39)
-function gennorm4() {
-  for (;;) { const u = 5 * Math.random() - 2.5; if (Math.random() < Math.exp(-(u ** 4))) return u * state.info.prior_scale; }
-}
-
-async function start() {
-  state.info = await (await fetch("/info")).json();
-  const { range, latent_dim, sliders } = state.info;
-  for (const s of sliders) {
-    const label = document.createElement("div");
-    label.className = "label";
-    label.innerHTML = `<span></span><small></small>`;
-    label.firstChild.textContent = s.label[0];
-    label.lastChild.textContent = s.label[1] || "";
-    const slider = Object.assign(document.createElement("input"),
-      { type: "range", id: "dim" + s.dim, min: -range, max: range, step: 0.01, value: 0 });
-    slider.addEventListener("input", () => {
-      state.z[s.dim] = Number(slider.value);
-      $("value" + s.dim).textContent = state.z[s.dim].toFixed(2);
-      decode();
-    });
-    const value = Object.assign(document.createElement("span"), { id: "value" + s.dim, textContent: "0.00" });
-    $("sliders").append(label, slider, value);
-  }
-  $("random").onclick = () => setCode(Array.from({ length: latent_dim }, state.info.prior === "gennorm4" ? gennorm4 : gaussian));
-  $("reset").onclick = () => setCode(new Array(latent_dim).fill(0));
-  $("encoder-buttons").hidden = !state.info.encoder;
-  $("example").disabled = state.info.examples === 0;
-  $("example").onclick = () => {
-    state.example = (state.example + 1) % state.info.examples;
-    fromServer(`/example?i=${state.example}`);
-  };
-  $("upload").onchange = () => {
-    const file = $("upload").files[0];
-    if (!file) return;
-    if (file.size > state.info.max_upload) { say(`${file.name} is over ${state.info.max_upload} bytes`, true); return; }
-    fromServer("/encode", { method: "POST", body: file });
-    $("upload").value = "";
-  };
-  if (state.info.examples > 0) $("example").onclick(); else setCode(new Array(latent_dim).fill(0));
-}
-window.explorer = state;
-start();
-</script>
-</body></html>
-"""
 
 
 # ----------------------------------------------------------------------------------------------------

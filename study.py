@@ -1,0 +1,244 @@
+"""The time-to-disentangle study: how fast does each setting separate the factors of the built-in shapes?
+
+    python study.py --variants recipe-tc-beta4-batch256-broadcast --seeds 0 4 5 --epochs 38 --eval-epochs 2
+    python study.py --variants tutorial,lr5e-4 --epochs 10 --common "--epoch-size 10000"
+    python study.py --collect                 # tabulate the stages already scored, as after a stopped study
+
+Every variant is a list of `betavae.py train` flags on top of the tutorial's settings. A run trains in
+stages through the CLI (resume is exact, so the stages add up to one run) and `betavae.py evaluate` scores
+each stage (MIG and FactorVAE score); a rerun skips the stages already scored. Writes study.csv, study.png
+and summary.json in --out; docs/study.md reads the results.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import betavae as bv
+from infer_onnx import Parser, UserError, report_errors
+
+# the tutorial's settings, typed out: the sprites' own defaults differ (DATASET_DEFAULTS)
+STUDY_BASE = "--arch tutorial --latent-dim 128 --recon mse --objective kl --lr 1e-4 --batch-size 32"
+STUDY_VARIANTS = {
+    "tutorial": "",
+    "lr5e-4": "--lr 5e-4",
+    "lr1e-3": "--lr 1e-3",
+    "batch64": "--batch-size 64",
+    "batch128": "--batch-size 128",
+    "latent10": "--latent-dim 10",
+    "bce": "--recon bce",
+    "warmup": "--kl-warmup 3",
+    "capacity": "--capacity 25 --capacity-epochs 5",
+    "amp": "--amp",
+    "10d-lr1e-3-b64": "--latent-dim 10 --lr 1e-3 --batch-size 64",
+    "10d-bce-lr1e-3-b64": "--latent-dim 10 --recon bce --lr 1e-3 --batch-size 64",
+    "10d-beta8": "--latent-dim 10 --beta 8",
+    "10d-beta16": "--latent-dim 10 --beta 16",
+}
+# the disentangling recipe of disentanglement_lib (Burgess et al.'s network, Bernoulli, lr 5e-4, batch 64,
+# 10-d), with beta on the whole KL or on the total correlation alone, and one change at a time
+RECIPE = "--arch burgess --latent-dim 10 --recon bce --lr 5e-4 --batch-size 64"
+STUDY_VARIANTS.update({
+    "recipe-kl-beta4": f"{RECIPE} --beta 4",
+    **{f"recipe-tc-beta{beta}": f"{RECIPE} --objective tc --beta {beta}" for beta in (4, 6, 10)},
+    "recipe-tc-beta4-tutorial-arch": f"{RECIPE} --objective tc --beta 4 --arch tutorial",
+    "recipe-tc-beta4-mse": f"{RECIPE} --objective tc --beta 4 --recon mse",
+    **{f"recipe-tc-beta4-lr{lr}": f"{RECIPE} --objective tc --beta 4 --lr {lr}" for lr in ("1e-4", "1e-3")},
+    **{f"recipe-tc-beta4-batch{b}": f"{RECIPE} --objective tc --beta 4 --batch-size {b}" for b in (256, 512)},
+    # large batches at Adam's square-root lr, which lost to keeping the lr (docs/study.md)
+    **{f"recipe-tc-beta4-batch{b}-sqrt-lr": f"{RECIPE} --objective tc --beta 4 --batch-size {b} --lr {lr}"
+       for b, lr in ((256, "1e-3"), (512, "1.41e-3"))},
+    "recipe-tc-beta4-amp": f"{RECIPE} --objective tc --beta 4 --amp",
+    # the whole KL term rising over 3 epochs (--kl-warmup), against the early collapse of large batches
+    "recipe-tc-beta4-batch256-warmup": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --kl-warmup 3",
+    "recipe-tc-beta10-batch256": f"{RECIPE} --objective tc --beta 10 --batch-size 256",
+    "recipe-tc-beta6-batch256": f"{RECIPE} --objective tc --beta 6 --batch-size 256",
+    # fewer dims than the recipe's 10 for the 5 factors: less room to split one factor over two dims
+    "recipe-tc-beta4-batch256-latent6": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --latent-dim 6",
+    # Burgess et al.'s capacity under the TC objective: the information grows a nat per epoch
+    "recipe-tc-beta4-batch256-capacity": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --capacity 15 "
+                                         "--capacity-epochs 15",
+    # free bits under the TC objective: a dim's KL below the floor costs nothing, so no dim is pushed to collapse
+    **{f"recipe-tc-beta4-batch256-free-bits{bits}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 "
+       f"--free-bits {bits}" for bits in ("0.5", "1")},
+    # Watters et al.'s spatial broadcast decoder: a position is a shift against axis-aligned coordinate channels
+    "recipe-tc-beta4-batch256-broadcast": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast",
+    # Higgins et al.'s objective at the shapes default's settings: the two objectives side by side
+    "recipe-kl-beta4-batch256-broadcast": f"{RECIPE} --beta 4 --batch-size 256 --arch broadcast",
+})
+STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
+                "val_recon", "val_kl", "active_dims", "mig_per_factor"]
+
+
+def run_cli(argv: list[str], log: Path, threads: int) -> None:
+    """Run `python betavae.py ARGV` with `threads` CPU threads (passive OpenMP waiting: runs side by side
+    share the cores), appending its output to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log, "a") as f:
+        f.write("$ betavae.py " + " ".join(argv) + "\n")
+        f.flush()
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("betavae.py")), *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise UserError(f"betavae.py {argv[0]} failed (exit {done.returncode}); see {log}")
+
+
+def stages_to_score(epochs: int, every: int, trained: int, scored: set[int]) -> list[int]:
+    """The epochs a run is scored at: every `every` and the last, but for a stage the run has trained past
+    without scoring it (an earlier call's other --eval-epochs): that model is gone."""
+    stages = sorted({*range(every, epochs + 1, every), epochs})
+    return [epoch for epoch in stages if epoch >= trained or epoch in scored]
+
+
+def study_stages(args, variant: str, seed: int, threads: int, out: Path) -> list[int]:
+    """Train one variant with one seed in stages of --eval-epochs epochs, scoring each stage into out
+    (skipping the stages already scored); the stages' epochs."""
+    out.mkdir(parents=True, exist_ok=True)
+    flags = shlex.split(STUDY_BASE) + shlex.split(STUDY_VARIANTS[variant]) + shlex.split(args.common)
+    trained = len(bv.read_history(out / "history.csv")) if (out / "history.csv").exists() else 0
+    scored = {int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json")}
+    stages = stages_to_score(args.epochs, args.eval_epochs, trained, scored)
+    for epoch in stages:
+        scores = out / f"metrics_e{epoch:03d}.json"
+        if scores.exists():
+            continue
+        resume = ["--resume"] if (out / "last.pt").exists() else []
+        run_cli(["train", *flags, "--seed", str(seed), "--epochs", str(epoch), "--device", args.device,
+                 "--out", str(out), *resume], out / "log.txt", threads)
+        run_cli(["evaluate", "--checkpoint", str(out / "last.pt"), "--metrics", "mig,factor_vae",
+                 "--n", str(args.n), "--points", *map(str, args.points), "--device", args.device,
+                 "--out", str(scores)], out / "log.txt", threads)
+    return stages
+
+
+def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
+    """One variant and seed's rows: its stages trained and scored, or with --collect only those already
+    scored."""
+    out = Path(args.out) / f"{variant}-seed{seed}"
+    if not args.collect:
+        stages = study_stages(args, variant, seed, threads, out)
+    elif (out / "config.json").exists():
+        stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
+    else:
+        return []
+    history = {row["epoch"]: row for row in bv.read_history(out / "history.csv")}
+    epoch_size = json.loads((out / "config.json").read_text())["epoch_size"]
+    rows = []
+    for epoch in stages:
+        scores, row = json.loads((out / f"metrics_e{epoch:03d}.json").read_text()), history[epoch]
+        rows.append({"variant": variant, "seed": seed, "epoch": epoch, "images": epoch * epoch_size,
+                     "minutes": row["elapsed_s"] / 60, "mig": scores["mig"],
+                     "threads": "" if args.collect else threads,  # a collected run's are not on record
+                     "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
+                     "mig_per_factor": " ".join(f"{k}={v:.3f}" for k, v in scores["mig_per_factor"].items()),
+                     "val_kl": row["val_kl"], "active_dims": int(row["active_dims"])})
+    return rows
+
+
+def study_summary(rows: list[dict]) -> list[dict]:
+    """Per variant, at its last stage: medians over the seeds, and the spread of MIG."""
+    summary = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        last = max(r["epoch"] for r in rows if r["variant"] == variant)
+        final = [r for r in rows if r["variant"] == variant and r["epoch"] == last]
+        migs = [r["mig"] for r in final]
+        summary.append({"variant": variant, "seeds": len(final), "images": final[0]["images"],
+                        "minutes": float(np.median([r["minutes"] for r in final])),
+                        "mig": float(np.median(migs)), "mig_min": min(migs), "mig_max": max(migs),
+                        "factor_vae_score": float(np.median([r["factor_vae_score"] for r in final])),
+                        "flags": STUDY_VARIANTS[variant] or "(the tutorial's)"})
+    return summary
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    """MIG against images seen and against minutes, FactorVAE against minutes: one colour per variant,
+    a line per seed."""
+    import matplotlib  # imported here: it is slow to import and only the chart needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # distinct hues first
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        seeds = sorted({r["seed"] for r in rows if r["variant"] == variant})
+        for j, seed in enumerate(seeds):
+            run = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
+            label = variant if j == 0 else None
+            for ax, (x, y) in zip(axes, [("images", "mig"), ("minutes", "mig"), ("minutes", "factor_vae_score")]):
+                ax.plot([r[x] for r in run], [r[y] for r in run], "o-", color=colours[i % 20], label=label,
+                        markersize=3, alpha=0.8)
+    for ax, (x, y) in zip(axes, [("images seen", "MIG"), ("training minutes", "MIG"),
+                                 ("training minutes", "FactorVAE score")]):
+        ax.set(xlabel=x, ylabel=y, ylim=(0, 1 if y != "MIG" else None))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def study(args) -> None:
+    """Time to disentangle: MIG and FactorVAE score against images seen and minutes, per variant and seed.
+    Writes study.csv, study.png and a summary table in --out."""
+    unknown = [v for v in args.variants if v not in STUDY_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant {unknown[0]}; choose from {', '.join(STUDY_VARIANTS)}")
+    if args.jobs < 1 or args.epochs < 1 or args.eval_epochs < 1:
+        raise UserError("--jobs, --epochs and --eval-epochs must be >= 1")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    out = Path(args.out)
+    bv.make_output_folder(out)
+    runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    if args.collect:
+        print(f"study: tabulating the stages already scored of {len(runs)} runs in {out}, training nothing")
+    else:
+        print(f"study: {len(runs)} runs of {args.epochs} epochs, {args.jobs} at a time with {threads} threads "
+              f"each, scored every {args.eval_epochs} epochs (MIG on n {args.n}, FactorVAE on "
+              f"{args.points[0]}/{args.points[1]} points) | writing {out}")
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: the work runs in the subprocesses
+        results = list(pool.map(lambda run: study_run(args, *run, threads), runs))
+    rows = [row for result in results for row in result]
+    if not rows:
+        raise UserError(f"no scored stages in {out} for these variants and seeds: nothing to tabulate")
+    with open(out / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, STUDY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    plot_study(rows, out / "study.png")
+    summary = study_summary(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{'variant':<20} {'seeds':>5} {'images':>8} {'minutes':>7}   {'MIG (min-max)':<21} {'FactorVAE':>9}")
+    for s in summary:
+        print(f"{s['variant']:<20} {s['seeds']:>5} {s['images']:>8,} {s['minutes']:>7.1f}   "
+              f"{s['mig']:.3f} ({s['mig_min']:.3f}-{s['mig_max']:.3f})   {s['factor_vae_score']:>9.3f}")
+    print(f"wrote {out / 'study.csv'}, {out / 'study.png'}, {out / 'summary.json'}")
+
+
+def main(argv=None) -> None:
+    p = Parser(prog="study.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--variants", type=lambda text: text.split(","), default=list(STUDY_VARIANTS), metavar="LIST",
+                   help=f"comma-separated, from {','.join(STUDY_VARIANTS)} (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per variant (default: 0)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    p.add_argument("--eval-epochs", type=int, default=2, help="score every this many epochs (default: 2)")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                   help="runs side by side, sharing the CPU cores (default: half the cores)")
+    p.add_argument("--n", type=int, default=5000, help="factor draws for MIG (default: 5000)")
+    p.add_argument("--points", type=int, nargs=2, default=[200, 100], metavar=("TRAIN", "EVAL"),
+                   help="FactorVAE training and evaluation points (default: 200 100)")
+    p.add_argument("--common", default="", help='train flags added to every variant, e.g. "--epoch-size 10000"')
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    p.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
+    p.add_argument("--collect", action="store_true",
+                   help="train and score nothing: tabulate the stages already scored, as after a stopped study")
+    report_errors(study, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
