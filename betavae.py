@@ -138,11 +138,6 @@ def describe_defaults(cfg: Config, given: set[str]) -> Optional[str]:
     return f"{cfg.dataset} defaults: {ours} (the tutorial's: {theirs}); {SPRITES_WHY}"
 
 
-def schedule_done(cfg: Config, epoch: int) -> bool:
-    """True once warm-up and capacity have reached their final values (from then on, objectives compare)."""
-    return epoch >= (cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs)
-
-
 def check_config(cfg: Config) -> None:
     """Reject nonsense settings with one clear line, before any work starts."""
     rules = [
@@ -177,6 +172,11 @@ def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
     beta = cfg.beta * min(1.0, epoch / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
     capacity = None if cfg.capacity is None else cfg.capacity * min(1.0, epoch / cfg.capacity_epochs)
     return beta, capacity
+
+
+def schedule_done(cfg: Config, epoch: int) -> bool:
+    """True once warm-up and capacity have reached their final values (from then on, objectives compare)."""
+    return epoch >= (cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs)
 
 
 # ====================================================================================================
@@ -500,21 +500,24 @@ def loss_settings(cfg: Config, beta: float, capacity) -> dict:
 
 
 def describe_loss(cfg: Config) -> str:
-    """The reductions, printed at the start of training: beta means nothing without them."""
+    """The objective and its reductions, printed at the start of training: beta means nothing without them."""
     error = "squared error" if cfg.recon == "mse" else "Bernoulli cross-entropy (from logits)"
-    kl = "KL" if cfg.free_bits == 0 else f"sum_d max(KL_d, {cfg.free_bits:g})"
+    kl, ramp = "KL" if cfg.free_bits == 0 else f"sum_d max(KL_d, {cfg.free_bits:g})", ""
     if cfg.capacity is not None:  # Burgess et al.: the KL held at a capacity C that rises over the epochs
-        kl, ramp = f"{cfg.gamma:g}*|{kl} - C|", f", C rising from 0 to {cfg.capacity:g} nats over {cfg.capacity_epochs} epochs"
-    else:
-        kl, ramp = ("w*" if cfg.kl_warmup else "") + kl, f", w rising from 0 to 1 over {cfg.kl_warmup} epochs" * bool(cfg.kl_warmup)
-    if cfg.objective == "tc":
-        terms = f"{kl} + (beta-1)*TC" if not cfg.kl_warmup else f"w*({kl[2:]} + (beta-1)*TC)"
-        split = "MI + beta*TC + dimension-wise KL"  # the true KL's parts, when nothing clamps or holds the KL
-        split = "" if cfg.free_bits or cfg.capacity is not None else f" = recon + {f'w*({split})' if cfg.kl_warmup else split}"
-        objective = (f"recon + {terms}{split}{ramp}, beta {cfg.beta:g} on the total correlation only (Chen et al. "
-                     f"2018); TC estimated on each batch of {cfg.batch_size} by minibatch-weighted sampling")
-    else:
-        objective = f"recon + {kl}{ramp}" if cfg.capacity is not None else f"recon + beta*{kl}, beta {cfg.beta:g}{ramp}"
+        kl = f"{cfg.gamma:g}*|{kl} - C|"
+        ramp = f", C rising from 0 to {cfg.capacity:g} nats over {cfg.capacity_epochs} epochs"
+    elif cfg.objective == "kl":
+        kl, ramp = f"beta*{kl}", f", beta {cfg.beta:g}"
+    tc = cfg.objective == "tc"
+    terms = f"{kl} + (beta-1)*TC" if tc else kl
+    parts = "MI + beta*TC + dimension-wise KL" if tc and kl == "KL" else ""  # the true KL's parts, unclamped
+    if cfg.kl_warmup:
+        terms, parts = f"w*({terms})", parts and f"w*({parts})"
+        ramp += f", w rising from 0 to 1 over {cfg.kl_warmup} epochs"
+    objective = f"recon + {terms}" + (parts and f" = recon + {parts}") + ramp
+    if tc:
+        objective += (f", beta {cfg.beta:g} on the total correlation only (Chen et al. 2018); TC estimated on each "
+                      f"batch of {cfg.batch_size} by minibatch-weighted sampling")
     return (f"loss: recon = {error} summed over {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} pixels, mean over the "
             f"batch; KL = closed form summed over {cfg.latent_dim} latent dims, mean over the batch\n"
             f"objective: {objective}")
@@ -679,8 +682,8 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
     """Seed, load the data, make the output folder, build the model, optimiser and loaders; resume if asked."""
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
-    for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(cfg.seed + ranks.rank)  # each rank its own reparameterisation noise
+    for seed_with in (random.seed, np.random.seed, torch.manual_seed):
+        seed_with(cfg.seed + ranks.rank)  # each rank its own reparameterisation noise
     if cfg.amp and device.type not in ("cpu", "cuda"):
         raise UserError(f"--amp (bfloat16 autocast) runs on the CPU or CUDA, not {device.type}")
     if not ranks.main:
@@ -987,8 +990,9 @@ def print_start(t: Training, defaults_used: Optional[str]) -> None:
     if defaults_used:
         print(defaults_used)
     print(describe_loss(cfg))
+    resumed = " (resumed)" if t.run["epoch"] or t.run["step"] else ""
     print(f"seed {cfg.seed} | {t.data_path} | {cfg.epochs} epochs of {cfg.epoch_size or len(t.train_set):,} images, "
-          f"batch {cfg.batch_size}, lr {cfg.lr:g} | writing {t.out}" + (" (resumed)" if t.run["epoch"] or t.run["step"] else ""))
+          f"batch {cfg.batch_size}, lr {cfg.lr:g} | writing {t.out}{resumed}")
 
 
 def format_duration(seconds: float) -> str:
@@ -1258,7 +1262,8 @@ def interpolate(args) -> None:
     mu = to_numpy(model.encode(x.to(device))[0])
     codes = np.concatenate([interpolation_codes(mu[i], mu[i + 1], args.steps, args.slerp) for i in range(0, len(x), 2)])
     decoded = to_numpy(model.decode(torch.from_numpy(codes).to(device)))
-    save_figure(interpolation_figure(to_numpy(x), decoded), output_path(args, path.parent, "interpolate.png"), "interpolation")
+    save_figure(interpolation_figure(to_numpy(x), decoded), output_path(args, path.parent, "interpolate.png"),
+                "interpolation")
 
 
 @torch.no_grad()

@@ -85,7 +85,8 @@ def run_cli(argv: list[str], log: Path, threads: int) -> None:
     with open(log, "a") as f:
         f.write("$ betavae.py " + " ".join(argv) + "\n")
         f.flush()
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("betavae.py")), *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("betavae.py")), *argv], stdout=f,
+                              stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise UserError(f"betavae.py {argv[0]} failed (exit {done.returncode}); see {log}")
 

@@ -1401,6 +1401,7 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path, capsys):
     first = cli_in_process(capsys, *args, "--out", tmp_path / "a.json")
     assert first.returncode == 0, first.stderr
     second = cli_in_process(capsys, *args, "--out", tmp_path / "b.json")
+    assert second.returncode == 0, second.stderr
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
     keys = {"mig", "sap", "modularity", "beta_vae_score", "factor_vae_score", "val_recon", "val_kl", "active_dims",
             "kl_per_dim"}
