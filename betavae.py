@@ -1026,7 +1026,7 @@ def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
               f"(lower --beta)")
     if recon_stalled(history, patience) and not recon_stalled(history[:-1], patience):
         print(f"warning: the reconstruction has not improved for {patience} epochs "
-              f"(lr is {last['lr']:.1e}; docs/training.md lists the remedies)")
+              f"(lr {last['lr']:.1e}; ReduceLROnPlateau halves it after {LR_PATIENCE} epochs without a better objective)")
 
 
 @torch.no_grad()
