@@ -541,6 +541,8 @@ def train(args) -> None:
         if t.run["epoch"] >= cfg.epochs:
             print(f"{t.out} has already trained {t.run['epoch']} epochs; pass a larger --epochs to continue")
             return
+        if ranks.main:  # after the check above: a finished run's config.json stays as it was
+            (t.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         print_start(t, None if resumed else describe_defaults(cfg, args.given))
         fit(t)
     finally:
@@ -692,7 +694,6 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
     out = Path(cfg.out)
     if ranks.main:
         make_output_folder(out)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         if ranks.world > 1:
             torch.distributed.barrier()
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))

@@ -659,6 +659,10 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     state["config"]["arch"] = "tutorial" if state["config"]["arch"] != "tutorial" else "burgess"
     torch.save(state, tmp_path / "other_network.pt")
     cases["other_network.pt"] = "another architecture"
+    state = torch.load(out / "best.pt", weights_only=True)
+    state["config"]["prior"] = "gennorm4"  # a setting this version no longer has
+    torch.save(state, tmp_path / "removed_setting.pt")
+    cases["removed_setting.pt"] = r"settings this betavae .* does not know: \['prior'\]"
     cases["missing.pt"] = "no checkpoint at"
     for name, message in cases.items():
         with pytest.raises(bv.UserError, match=message):
@@ -711,8 +715,11 @@ def test_existing_runs_are_protected_and_resume_must_match(tiny_run, capsys):
     assert again.returncode == 2 and "already holds a run; add --resume" in again.stderr
     changed = cli_in_process(capsys, "train", *TINY, "--out", out, "--resume", "--beta", "8")
     assert changed.returncode == 2 and "--beta 8.0 differs from the run being resumed (4.0)" in changed.stderr
-    done = cli_in_process(capsys, "train", *TINY, "--out", out, "--resume", "--epochs", "2")
-    assert done.returncode == 0 and "already trained 2 epochs" in done.stdout
+    config = (out / "config.json").read_text()
+    for epochs in ("2", "1"):  # a finished run trains no more, and its config.json keeps its 2 epochs
+        done = cli_in_process(capsys, "train", *TINY, "--out", out, "--resume", "--epochs", epochs)
+        assert done.returncode == 0 and "already trained 2 epochs" in done.stdout
+    assert (out / "config.json").read_text() == config
 
 
 # ---------------------------------------------------------------------------------------------------
