@@ -5,8 +5,9 @@
     python bench.py --arch tutorial --latent-dim 128 --batch-size 32 --json bench.json
 
 Images per second of the data loader alone, the full training step (data included), the model step on a
-batch in memory, the plain loop (NCHW, float32, eager, Adam's default implementation), the encoder and the
-decoder; the model step's GFLOP/s against this device's fp32 matmul peak. Medians of --repeats rounds that
+batch in memory, the plain loop (NCHW, float32, eager, Adam's default implementation), the step at float32, the
+encoder and the decoder; the model step's GFLOP/s against this device's matmul peak in the step's precision
+(the fp32 and bf16 peaks are both printed). Medians of --repeats rounds that
 run every call once in turn, so the drift of a shared machine falls on all of them alike.
 """
 from __future__ import annotations
@@ -23,12 +24,12 @@ import betavae as bv
 from infer_onnx import Parser, report_errors, time_calls
 
 # the train flags that define what a step computes
-FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "arch", "objective", "recon", "amp", "device"]
+FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "arch", "objective", "recon", "precision", "device"]
 # --options: each option of the training step alone, then together, against the plain loop
 STEP_OPTIONS = {"plain loop": {}, "channels_last": {"channels_last": True}, "fused Adam": {"fused": True},
-                "--amp": {"amp": True}, "torch.compile": {"compile": True},
-                "channels_last, fused Adam, --amp": {"channels_last": True, "fused": True, "amp": True},
-                "all four": {"channels_last": True, "fused": True, "amp": True, "compile": True}}
+                "bf16 autocast": {"bf16": True}, "torch.compile": {"compile": True},
+                "channels_last, fused Adam, bf16": {"channels_last": True, "fused": True, "bf16": True},
+                "all four": {"channels_last": True, "fused": True, "bf16": True, "compile": True}}
 
 
 def synchronize(device) -> None:
@@ -50,7 +51,7 @@ def time_in_turns(calls: dict, repeats: int) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def step_loop(cfg: bv.Config, device, x: torch.Tensor, steps: int, channels_last=False, fused=False, amp=False,
+def step_loop(cfg: bv.Config, device, x: torch.Tensor, steps: int, channels_last=False, fused=False, bf16=False,
               compile=False):
     """A function running `steps` training steps of a fresh model on the batch x with the given options;
     all off is the plain loop."""
@@ -63,7 +64,7 @@ def step_loop(cfg: bv.Config, device, x: torch.Tensor, steps: int, channels_last
 
     def run():
         for _ in range(steps):
-            bv.train_step(trained, optimizer, x, settings, amp)
+            bv.train_step(trained, optimizer, x, settings, bf16)
         synchronize(device)
     return run
 
@@ -77,9 +78,9 @@ def training_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device, n: int = 2048) -> float:
-    """This device's achievable fp32 GFLOP/s: a large square matmul, median of 5 after warm-up."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, dtype=torch.float32, n: int = 2048) -> float:
+    """This device's achievable GFLOP/s in `dtype`: a large square matmul, median of 5 after warm-up."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def product():
         a @ b
@@ -97,11 +98,11 @@ def bench(args) -> None:
     x = torch.stack([train_set[i % n_data] for i in range(cfg.batch_size)]).to(device).contiguous(memory_format=fmt)
     order = torch.Generator().manual_seed(0)
     model = bv.BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    settings = bv.loss_settings(cfg, *bv.schedule(cfg, cfg.epochs))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    settings, bf16 = bv.loss_settings(cfg, *bv.schedule(cfg, cfg.epochs)), bv.uses_bf16(cfg.precision, device)
 
     def step(batch):
-        bv.train_step(model, optimizer, batch, settings, cfg.amp)
+        bv.train_step(model, optimizer, batch, settings, bf16)
 
     def data(step_fn=None):
         batches[:] = [torch.randint(n_data, (cfg.batch_size,), generator=order).tolist() for _ in range(steps)]
@@ -117,13 +118,15 @@ def bench(args) -> None:
 
     seconds = time_in_turns({"data loader": data, "train step, data included": lambda: data(step),
                              "train step, data in memory": model_steps,
-                             "plain loop, data in memory": step_loop(cfg, device, x, steps)}, args.repeats)
+                             "plain loop, data in memory": step_loop(cfg, device, x, steps),
+                             "fp32 step, data in memory": step_loop(cfg, device, x, steps, fmt == torch.channels_last,
+                                                                    device.type in ("cpu", "cuda"))}, args.repeats)
     seconds.update(time_inference(model, x, cfg, device, steps, args.repeats))
     rates = {name: (256 if "256" in name else cfg.batch_size) * steps / s for name, s in seconds.items()}
     step_flops = training_flops(lambda: step(x))
     options = time_in_turns({name: step_loop(cfg, device, x, steps, **flags) for name, flags in STEP_OPTIONS.items()},
                             args.repeats) if args.options else {}
-    report(args, cfg, device, data_path, rates, step_flops, step_flops * steps / seconds["train step, data in memory"] / 1e9,
+    report(args, cfg, device, bf16, data_path, rates, step_flops, step_flops * steps / seconds["train step, data in memory"] / 1e9,
            {name: steps * cfg.batch_size / s for name, s in options.items()})
 
 
@@ -144,22 +147,26 @@ def time_inference(model, x, cfg: bv.Config, device, steps: int, repeats: int) -
     return seconds
 
 
-def report(args, cfg: bv.Config, device, data_path: str, rates: dict[str, float], step_flops: int, achieved: float,
-           option_rates: dict[str, float]) -> None:
-    """The table: the rates, their ratios and the achieved GFLOP/s against the device's matmul peak, then
-    each option's rate against the plain loop; with --json also a file."""
-    peak = matmul_peak(device)
-    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {cfg.arch} network, batch {cfg.batch_size}"
-          f"{', --amp' if cfg.amp else ''}, {data_path}, {torch.get_num_threads()} threads | median of "
-          f"{args.repeats} x {args.steps} steps")
+def report(args, cfg: bv.Config, device, bf16: bool, data_path: str, rates: dict[str, float], step_flops: int,
+           achieved: float, option_rates: dict[str, float]) -> None:
+    """The table: the rates, their ratios and the achieved GFLOP/s against the matmul peak of the precision the
+    step runs, then each option's rate against the plain loop; with --json also a file."""
+    native = bv.native_bf16(device)  # an emulated bf16 matmul runs at ~1 GFLOP/s: time a small one there
+    peaks = {"fp32": matmul_peak(device), "bf16": matmul_peak(device, torch.bfloat16, 2048 if native else 512)}
+    precision = "bf16" if bf16 else "fp32"
+    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {cfg.arch} network, batch {cfg.batch_size}, "
+          f"{precision}, {data_path}, {torch.get_num_threads()} threads | median of {args.repeats} x {args.steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")
     full, in_memory = rates["train step, data included"], rates["train step, data in memory"]
     print(f"{'loader / full step':>28}  {rates['data loader'] / full:10.1f} x")
     print(f"{'full step / model step':>28}  {full / in_memory:10.0%}")
     print(f"{'full step / plain loop':>28}  {full / rates['plain loop, data in memory']:10.2f} x")
+    print(f"{'model step / fp32 step':>28}  {in_memory / rates['fp32 step, data in memory']:10.2f} x")
+    print(f"{'matmul peak':>28}  fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s "
+          f"({'native' if native else 'emulated'})")
     print(f"{'model step':>28}  {achieved:10.1f} GFLOP/s ({step_flops / cfg.batch_size / 1e9:.2f} GFLOP per image), "
-          f"{achieved / peak:.0%} of this device's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+          f"{achieved / peaks[precision]:.0%} of the {precision} peak")
     if option_rates:
         print("the training step's options, data in memory, against the plain loop of this run's model:")
     for name, rate in option_rates.items():
@@ -167,8 +174,8 @@ def report(args, cfg: bv.Config, device, data_path: str, rates: dict[str, float]
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": str(device), "dataset": cfg.dataset, "arch": cfg.arch, "batch_size": cfg.batch_size,
-            "amp": cfg.amp, "img_per_s": rates, "options_img_per_s": option_rates, "gflop_per_s": achieved,
-            "matmul_peak_gflop_per_s": peak}, indent=2) + "\n")
+            "precision": precision, "img_per_s": rates, "options_img_per_s": option_rates, "gflop_per_s": achieved,
+            "matmul_peak_gflop_per_s": peaks, "bf16_native": native}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
@@ -179,7 +186,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
     parser.add_argument("--options", action="store_true", help="also time each option of the training step "
-                        "(channels_last, fused Adam, --amp, torch.compile), alone and together, against the plain loop")
+                        "(channels_last, fused Adam, bf16 autocast, torch.compile), alone and together, against the plain loop")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     args.given = bv.given_flags(argv)

@@ -50,7 +50,7 @@ from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_co
                         labelled, read_image, report_errors, save_figure, select_dims, stack_vertically,
                         traversal_codes, traversal_gif, traversal_labels, traversal_values)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 IMAGE_SIZE = 64
 
 
@@ -92,7 +92,8 @@ class Config:
     lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau after 5 epochs without progress)")
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
-    amp: bool = option(False, "bfloat16 autocast for the forward pass (CPU, CUDA); loss and weights stay float32")
+    precision: str = option("auto", "bf16: bfloat16 autocast for the networks (the loss and weights stay float32); "
+                            "auto: bf16 where the device computes it natively, else fp32", choices=["auto", "fp32", "bf16"])
     seed: int = option(0, "seeds python, numpy and torch; a CPU run repeats bit for bit")
     device: str = option("auto", "auto picks CUDA, then MPS, then CPU", choices=["auto", "cpu", "cuda", "mps"])
     eval_every: int = option(0, "every E epochs, the disentanglement metrics on a tenth of evaluate's sample (0: off)")
@@ -113,7 +114,7 @@ SPRITES_WHY = ("disentanglement_lib's recipe (Bernoulli loss, lr 5e-4, 10-d) wit
                "images (docs/study.md)")
 DATASET_DEFAULTS = {"shapes": SPRITES, "dsprites": SPRITES}
 # flags that may change when a run is resumed; every other one must match the stored run
-RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "data_dir", "amp"}
+RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "data_dir", "precision"}
 
 
 def config_from_args(args) -> Config:
@@ -602,7 +603,7 @@ def train_epoch(t: Training, trained, epoch: int, settings: dict, stop: StopOnCt
     t0, images, total_steps, pending = time.perf_counter(), 0, t.run["step"] + len(t.loader), []
     for x in t.loader:
         x = x.to(t.device, non_blocking=True).contiguous(memory_format=fmt)
-        parts = train_step(trained, t.optimizer, x, settings, t.cfg.amp)
+        parts = train_step(trained, t.optimizer, x, settings, t.bf16)
         pending.append((logged_terms(parts) * len(x), len(x)))
         images += len(x)
         if tty and (t.run["step"] + len(pending)) % 10 == 0:
@@ -663,6 +664,7 @@ class Training:
     cfg: Config
     ranks: Ranks
     device: torch.device
+    bf16: bool  # --precision on this device
     out: Path
     train_set: Dataset
     val_set: Dataset
@@ -686,8 +688,7 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
     for seed_with in (random.seed, np.random.seed, torch.manual_seed):
         seed_with(cfg.seed + ranks.rank)  # each rank its own reparameterisation noise
-    if cfg.amp and device.type not in ("cpu", "cuda"):
-        raise UserError(f"--amp (bfloat16 autocast) runs on the CPU or CUDA, not {device.type}")
+    bf16 = uses_bf16(cfg.precision, device)
     if not ranks.main:
         torch.distributed.barrier()  # wait while rank 0 alone fetches --download files
     train_set, val_set = make_datasets(cfg, download)
@@ -697,11 +698,11 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
         if ranks.world > 1:
             torch.distributed.barrier()
     model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=LR_PATIENCE)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
-    t = Training(cfg, ranks, device, out, train_set, val_set, model, optimizer, scheduler, sampler_rng,
-                 {"epoch": 0, "step": 0, "sums": torch.zeros(len(LOGGED_TERMS)), "seen": 0, "history": [],
+    t = Training(cfg, ranks, device, bf16, out, train_set, val_set, model, optimizer,
+                 scheduler, sampler_rng, {"epoch": 0, "step": 0, "sums": torch.zeros(len(LOGGED_TERMS)), "seen": 0, "history": [],
                   "best": math.inf, "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()})
     if cfg.tensorboard and ranks.main:
         try:
@@ -782,6 +783,21 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does the device compute bfloat16 natively? Elsewhere autocast emulates it, 14x slower on an AVX2 CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu.get_capabilities() if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(cpu.get("amx_bf16") or cpu.get("avx512_bf16"))  # older torch cannot tell: float32
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """--precision on this device: True for bfloat16 autocast."""
+    if precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise UserError(f"--precision bf16 runs on the CPU or CUDA, not {device.type}")
+    return precision == "bf16" or precision == "auto" and native_bf16(device)
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last trains faster on CPU and CUDA (measured: docs/performance.md); MPS keeps the default."""
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
@@ -834,6 +850,8 @@ def read_checkpoint(path, device="cpu") -> dict:
 
 
 def config_from_dict(stored: dict, path) -> Config:
+    if "amp" in stored:  # betavae 0.2 stored --amp, now --precision
+        stored = {k: v for k, v in stored.items() if k != "amp"} | {"precision": "bf16" if stored["amp"] else "fp32"}
     unknown = set(stored) - {f.name for f in fields(Config)}
     if unknown:
         raise UserError(f"{path} has settings this betavae {__version__} does not know: {sorted(unknown)}")
@@ -986,7 +1004,8 @@ def print_start(t: Training, defaults_used: Optional[str]) -> None:
     """The run's first lines: data, device, size, the dataset's defaults, the loss and its reductions."""
     cfg, n_params = t.cfg, sum(p.numel() for p in t.model.parameters())
     processes = f" | {t.ranks.world} processes, global batch {cfg.batch_size * t.ranks.world}" if t.ranks.world > 1 else ""
-    print(f"betavae {__version__} | device {t.device}{processes} | {cfg.dataset}: {len(t.train_set):,} train / "
+    precision = "bfloat16 autocast" if t.bf16 else "float32"
+    print(f"betavae {__version__} | device {t.device}, {precision}{processes} | {cfg.dataset}: {len(t.train_set):,} train / "
           f"{len(t.val_set):,} val images, {cfg.channels}x{IMAGE_SIZE}x{IMAGE_SIZE} | {n_params:,} parameters")
     if defaults_used:
         print(defaults_used)

@@ -37,7 +37,7 @@ STUDY_VARIANTS = {
     "bce": "--recon bce",
     "warmup": "--kl-warmup 3",
     "capacity": "--capacity 25 --capacity-epochs 5",
-    "amp": "--amp",
+    "bf16": "--precision bf16",
     "10d-lr1e-3-b64": "--latent-dim 10 --lr 1e-3 --batch-size 64",
     "10d-bce-lr1e-3-b64": "--latent-dim 10 --recon bce --lr 1e-3 --batch-size 64",
     "10d-beta8": "--latent-dim 10 --beta 8",
@@ -56,7 +56,7 @@ STUDY_VARIANTS.update({
     # large batches at Adam's square-root lr, which lost to keeping the lr (docs/study.md)
     **{f"recipe-tc-beta4-batch{b}-sqrt-lr": f"{RECIPE} --objective tc --beta 4 --batch-size {b} --lr {lr}"
        for b, lr in ((256, "1e-3"), (512, "1.41e-3"))},
-    "recipe-tc-beta4-amp": f"{RECIPE} --objective tc --beta 4 --amp",
+    "recipe-tc-beta4-bf16": f"{RECIPE} --objective tc --beta 4 --precision bf16",
     # the whole KL term rising over 3 epochs (--kl-warmup), against the early collapse of large batches
     "recipe-tc-beta4-batch256-warmup": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --kl-warmup 3",
     "recipe-tc-beta10-batch256": f"{RECIPE} --objective tc --beta 10 --batch-size 256",
@@ -73,6 +73,9 @@ STUDY_VARIANTS.update({
     "recipe-tc-beta4-batch256-broadcast": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast",
     # Higgins et al.'s objective at the shapes default's settings: the two objectives side by side
     "recipe-kl-beta4-batch256-broadcast": f"{RECIPE} --beta 4 --batch-size 256 --arch broadcast",
+    # the shapes default at each precision: does bfloat16 cost anything at equal images?
+    **{f"default-{p}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast --precision {p}"
+       for p in ("fp32", "bf16")},
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "val_recon", "val_kl", "active_dims", "mig_per_factor"]

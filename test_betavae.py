@@ -667,6 +667,12 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     for name, message in cases.items():
         with pytest.raises(bv.UserError, match=message):
             bv.load_checkpoint(tmp_path / name)
+    # betavae 0.2 stored --amp; its runs load with the --precision it meant
+    state = torch.load(out / "best.pt", weights_only=True)
+    for amp, precision in ((True, "bf16"), (False, "fp32")):
+        state["config"] = {k: v for k, v in state["config"].items() if k != "precision"} | {"amp": amp}
+        torch.save(state, tmp_path / "amp.pt")
+        assert bv.load_checkpoint(tmp_path / "amp.pt")[1].precision == precision
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1599,10 +1605,13 @@ def test_bench_reports_every_rate(tmp_path, capsys):
         assert result.returncode == 0, result.stderr
         rates = json.loads((tmp_path / "bench.json").read_text())["img_per_s"]
         assert set(rates) == {"data loader", "train step, data included", "train step, data in memory",
-                              "plain loop, data in memory", "encoder (eval, batch 256)", "decoder (eval, batch 256)"}
+                              "plain loop, data in memory", "fp32 step, data in memory", "encoder (eval, batch 256)",
+                              "decoder (eval, batch 256)"}
         assert all(rate > 0 for rate in rates.values())
         numbers = json.loads((tmp_path / "bench.json").read_text())
-        assert numbers["gflop_per_s"] > 0 and numbers["matmul_peak_gflop_per_s"] > 0
+        peaks = numbers["matmul_peak_gflop_per_s"]
+        assert numbers["gflop_per_s"] > 0 and set(peaks) == {"fp32", "bf16"} and min(peaks.values()) > 0
+        assert numbers["precision"] == ("bf16" if numbers["bf16_native"] else "fp32")  # auto: bf16 where native
         assert "loader / full step" in result.stdout and "full step / plain loop" in result.stdout
 
 
@@ -1615,7 +1624,8 @@ def test_bench_options_are_timed_in_turns_against_the_plain_loop(tmp_path, monke
     bench.main(["--options", "--batch-size", "4", "--latent-dim", "4", "--steps", "1", "--repeats", "1",
              "--device", "cpu", "--json", str(tmp_path / "bench.json")])
     rates = json.loads((tmp_path / "bench.json").read_text())["options_img_per_s"]
-    assert set(rates) == {"plain loop", "channels_last", "fused Adam", "--amp", "channels_last, fused Adam, --amp"}
+    assert set(rates) == {"plain loop", "channels_last", "fused Adam", "bf16 autocast",
+                          "channels_last, fused Adam, bf16"}
     assert all(rate > 0 for rate in rates.values())
 
 
@@ -1628,7 +1638,7 @@ def test_export_bench_compares_onnxruntime_with_pytorch(tiny_run, tmp_path):
     assert header and "latency, batch 1" in result.stdout and "throughput, batch 64" in result.stdout
 
 
-def one_step(amp=False, channels_last=False):
+def one_step(bf16=False, channels_last=False):
     """(recon, KL, gradient) of one training step of a fixed model on fixed images with fixed noise."""
     x = bv.render_shapes(bv.Shapes().factors(torch.arange(8) * 91_111))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -1637,7 +1647,7 @@ def one_step(amp=False, channels_last=False):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     torch.manual_seed(1)  # the same reparameterisation noise in every step
     settings = bv.loss_settings(bv.Config(latent_dim=4), 4.0, None)
-    parts = bv.train_step(model, optimizer, x.contiguous(memory_format=fmt), settings, amp)
+    parts = bv.train_step(model, optimizer, x.contiguous(memory_format=fmt), settings, bf16)
     return parts["recon"].item(), parts["kl"].item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -1648,12 +1658,28 @@ def test_channels_last_changes_a_step_by_float_noise_only():
     assert torch.allclose(grads2, grads, rtol=1e-3, atol=1e-3 * grads.abs().max().item())
 
 
-def test_amp_step_matches_float32_within_bfloat16_precision(tmp_path):
-    (recon32, kl32, g32), (recon16, kl16, g16) = one_step(), one_step(amp=True)
+def test_bf16_step_matches_float32_within_bfloat16_precision(tmp_path):
+    (recon32, kl32, g32), (recon16, kl16, g16) = one_step(), one_step(bf16=True)
     assert recon16 == pytest.approx(recon32, rel=1e-2) and kl16 == pytest.approx(kl32, rel=5e-2, abs=1e-3)
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99  # the same descent direction
     # the flag trains, through an epoch whose last batch is smaller (20 = 16 + 4)
-    assert train_in_process(tmp_path / "fast", "--epochs", "1", "--epoch-size", "20", "--amp") == 0
+    assert train_in_process(tmp_path / "fast", "--epochs", "1", "--epoch-size", "20", "--precision", "bf16") == 0
+
+
+def test_precision_auto_takes_bf16_only_where_the_device_computes_it(monkeypatch, tmp_path, capsys):
+    cpu = torch.device("cpu")
+    for flags, native in (({"avx2": True}, False), ({"avx512_bf16": True}, True), ({"amx_bf16": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flags=flags: flags, raising=False)
+        assert bv.native_bf16(cpu) is native and bv.uses_bf16("auto", cpu) is native
+        assert bv.uses_bf16("fp32", cpu) is False and bv.uses_bf16("bf16", cpu) is True
+    with pytest.raises(bv.UserError, match="--precision bf16 runs on the CPU or CUDA"):
+        bv.uses_bf16("bf16", torch.device("mps"))
+    # the start line names the precision; the optimiser is fused Adam on the CPU
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
+    assert train_in_process(tmp_path / "run", "--epochs", "1", "--epoch-size", "8") == 0
+    assert "device cpu, float32 |" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["config"]["precision"] == "auto" and state["optimizer"]["param_groups"][0]["fused"] is True
 
 
 # ---------------------------------------------------------------------------------------------------
