@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -251,34 +253,90 @@ def factor_vae_score(representation, space, rng: np.random.Generator, n_train: i
     return float(held_out[classifier, np.arange(len(active))].sum() / held_out.sum())
 
 
+class Progress:
+    """What evaluate shows on the way: each metric as it starts and the seconds it took, and while images are
+    encoded, how many and the time left (rewritten in place on a terminal, a line every 30 s in a log).
+    Progress(quiet=True) shows nothing."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.tty, self.metric, self.started, self.shown = quiet, sys.stdout.isatty(), None, 0.0, 0.0
+
+    def show(self, line: str, final: bool = True) -> None:
+        if not self.quiet:
+            end = "\n" if final or not self.tty else ""
+            print(f"\r{line:<78}" if self.tty else line, end=end, flush=True)
+
+    def start(self, metric: Optional[str]) -> None:
+        """`metric` begins (None: the last one has ended)."""
+        if self.metric:
+            self.show(f"  {self.metric}: {time.perf_counter() - self.started:.0f} s")
+        self.metric, self.started = metric, time.perf_counter()
+
+    def encoded(self, done: int, new: int, drawn: int, since: float) -> None:
+        now = time.perf_counter()
+        if done < new and now - self.shown < (0.5 if self.tty else 30):
+            return
+        self.shown, left = now, (now - since) / done * (new - done)
+        self.show(f"  {self.metric}: encoded {done:,}/{new:,} new images of {drawn:,} drawn, {left:.0f} s left",
+                  final=False)
+
+
+class CodeTable:
+    """A representation that encodes each factor combination once and keeps its code: the beta-VAE and
+    FactorVAE scores draw about 3 M images, from the shapes' 737,280 combinations. `encode` maps (B, K) factor
+    classes to (B, D) codes and is called on at most `batch` new combinations at a time."""
+
+    def __init__(self, encode, sizes, batch: int = 512, progress: Optional[Progress] = None):
+        self.encode, self.sizes, self.batch = encode, tuple(sizes), batch
+        self.progress = progress or Progress(quiet=True)
+        self.known, self.codes = np.zeros(math.prod(self.sizes), dtype=bool), None
+
+    def __call__(self, factors: np.ndarray) -> np.ndarray:
+        rows = np.ravel_multi_index(tuple(np.asarray(factors).T), self.sizes)
+        new, since = np.unique(rows[~self.known[rows]]), time.perf_counter()
+        for start in range(0, len(new), self.batch):
+            part = new[start:start + self.batch]
+            codes = self.encode(np.stack(np.unravel_index(part, self.sizes), axis=1))
+            if self.codes is None:  # np.empty maps memory that only written rows use
+                self.codes = np.empty((len(self.known), codes.shape[1]), dtype=np.float32)
+            self.codes[part], self.known[part] = codes, True
+            self.progress.encoded(start + len(part), len(new), len(rows), since)
+        return self.codes[rows].astype(np.float64)
+
+
 METRIC_GROUPS = ("mig", "sap", "modularity", "dci", "beta_vae", "factor_vae")  # --metrics choices
 
 
 def disentanglement_metrics(representation, space, n: int, seed: int, points: tuple[int, int],
-                            groups=METRIC_GROUPS) -> dict:
-    """The metrics in `groups` for one representation: MIG, SAP, DCI and modularity on n random factor
-    draws, the beta-VAE and FactorVAE scores on points = (train, eval) batches of 64. Each sampled part
-    has its own generator, so a metric scores the same alone or among the others. `space`: factor sizes
-    or a FactorSampler."""
-    results, sampler = {}, FactorSampler.of(space)
-    if {"mig", "sap", "modularity", "dci"} & set(groups):
-        factors = sampler.draw(n, np.random.default_rng([seed, 0]))
-        codes = representation(factors)
-        if "mig" in groups:
+                            groups=METRIC_GROUPS, progress: Optional[Progress] = None) -> dict:
+    """The metrics in `groups` for one representation: MIG, SAP, DCI and modularity on the codes of the same
+    n random factor draws, the beta-VAE and FactorVAE scores on points = (train, eval) batches of 64. Each
+    sampled part has its own generator, so a metric scores the same alone or among the others. `space`:
+    factor sizes or a FactorSampler; `progress` hears as each group starts."""
+    results, sampler, codes = {}, FactorSampler.of(space), None
+    for group in groups:
+        if progress:
+            progress.start(group)
+        if group in ("mig", "sap", "modularity", "dci") and codes is None:
+            factors = sampler.draw(n, np.random.default_rng([seed, 0]))
+            codes = representation(factors)
+        if group == "mig":
             gaps = mig_per_factor(codes, factors)
             results["mig"], results["mig_per_factor"] = float(np.mean(gaps)), gaps.tolist()
-        if "modularity" in groups:
+        elif group == "modularity":
             results["modularity"] = modularity(codes, factors)
-        if "sap" in groups:
+        elif group == "sap":
             results["sap"] = sap(codes, factors, seed)
-        if "dci" in groups:
+        elif group == "dci":
             results.update({f"dci_{k}": v for k, v in dci(codes, factors, seed).items()})
-    if "beta_vae" in groups:
-        results["beta_vae_score"] = beta_vae_score(representation, sampler, np.random.default_rng([seed, 1]),
-                                                   *points, seed=seed)
-    if "factor_vae" in groups:
-        results["factor_vae_score"] = factor_vae_score(representation, sampler, np.random.default_rng([seed, 2]),
-                                                       *points, n_variance=n)
+        elif group == "beta_vae":
+            results["beta_vae_score"] = beta_vae_score(representation, sampler, np.random.default_rng([seed, 1]),
+                                                       *points, seed=seed)
+        elif group == "factor_vae":
+            results["factor_vae_score"] = factor_vae_score(representation, sampler,
+                                                           np.random.default_rng([seed, 2]), *points, n_variance=n)
+    if progress:
+        progress.start(None)
     return results
 
 METRIC_NAMES = ["mig", "sap", "modularity", "dci_disentanglement", "dci_completeness", "dci_informativeness",

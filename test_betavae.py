@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -1439,6 +1440,22 @@ def test_a_metric_scores_the_same_alone_or_among_the_others():
         assert metrics.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15), groups=(group,)) == \
             {key: every[key] for key in keys}
     assert metrics.metric_groups("factor_vae,mig") == ("mig", "factor_vae")
+
+
+def test_the_code_table_encodes_each_combination_once_and_changes_no_metric(capsys):
+    sizes, weights = (3, 6, 10, 8, 8), np.array([1.0, 0.5, 0.1, 2.0, 3.0])
+    code = lambda f: (f * weights + np.cos(f @ [1, 3, 7, 11, 13])[:, None]).astype(np.float32)  # a function of the row
+    batches = []
+    table = metrics.CodeTable(lambda f: batches.append(len(f)) or code(f), sizes, batch=100,
+                              progress=metrics.Progress())
+    drawn = 300 + 45 * 64 * 2 + 300 + 45 * 64  # MIG; the beta-VAE pairs (a call per side: 30 * 64); FactorVAE
+    assert metrics.disentanglement_metrics(table, sizes, n=300, seed=3, points=(30, 15), progress=table.progress) == \
+        metrics.disentanglement_metrics(lambda f: code(f).astype(np.float64), sizes, n=300, seed=3, points=(30, 15))
+    assert sum(batches) == table.known.sum() < min(drawn, np.prod(sizes)) and max(batches) <= 100  # each once
+    shown = capsys.readouterr().out
+    for group in metrics.METRIC_GROUPS:
+        assert re.search(rf"^  {group}: \d+ s$", shown, re.M)  # each metric as it ends
+    assert re.search(r"beta_vae: encoded [\d,]+/[\d,]+ new images of 1,920 drawn, \d+ s left", shown)
 
 
 def test_evaluate_computes_only_the_metrics_asked_for(tiny_run, tmp_path, capsys):
