@@ -8,7 +8,7 @@ Watters et al. 2019 (the spatial broadcast decoder).
 
     python betavae.py train --beta 4                  # train on the built-in shapes data (no download)
     python betavae.py train --beta 4 --resume         # continue runs/shapes-beta4 from its last.pt
-    python betavae.py traverse --gif                  # latent traversal of the newest run's best.pt
+    python betavae.py traverse --gif                  # traversal of the newest run's best.pt, else the shipped model
     python betavae.py interpolate / sample / reconstruct / plot
     python betavae.py evaluate                        # MIG, SAP, DCI, modularity, beta-VAE, FactorVAE scores
     python betavae.py train --dataset mnist --data-dir data --download    # or dsprites, celeba, folder
@@ -1178,11 +1178,17 @@ def rank_batches(batches: list, ranks: Ranks) -> list:
 # ====================================================================================================
 # Pictures and numbers of a trained model, each made from a checkpoint alone and decoded in one batch.
 
+SHIPPED = Path(__file__).resolve().parent / "assets" / "model" / "model.pt"  # the default run's (assets/remake.py)
+
+
 def newest_checkpoint() -> Path:
+    """The newest run's best.pt, else the shipped model; one line says which."""
     found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    if not found and not SHIPPED.is_file():
         raise UserError("no checkpoint in runs/*/best.pt: train one first, or pass --checkpoint")
-    return found[-1]
+    path, which = (found[-1], "the newest run") if found else (SHIPPED, "the shipped model (no run in runs/)")
+    print(f"using {os.path.relpath(path)}, {which}; --checkpoint picks another")
+    return path
 
 
 def open_checkpoint(args) -> tuple[BetaVAE, Config, dict, Path, torch.device]:
@@ -1195,8 +1201,9 @@ def open_checkpoint(args) -> tuple[BetaVAE, Config, dict, Path, torch.device]:
 
 
 def output_path(args, run: Path, name: str) -> Path:
-    """--out, or `name` in the run's folder; its folder is made and checked writable."""
-    path = Path(args.out) if args.out else run / name
+    """--out, or `name` in the run's folder (runs/pretrained for the shipped model, whose files stay as shipped);
+    its folder is made and checked writable."""
+    path = Path(args.out) if args.out else (Path("runs/pretrained") if run == SHIPPED.parent else run) / name
     make_output_folder(path.parent)
     return path
 
@@ -1377,7 +1384,7 @@ def encoder_representation(model: BetaVAE, dataset, device, bf16: bool = False, 
 
     @torch.inference_mode()
     def encode(factors: np.ndarray) -> np.ndarray:
-        images = dataset.render(torch.from_numpy(factors)).to(device).contiguous(memory_format=memory_format(device))
+        images = dataset.render(torch.from_numpy(factors), device).contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model.encode(images)[0].float().cpu().numpy()
     batch = 4096 if device.type == "cuda" else 512  # a GPU wants large batches; a CPU gains nothing above 512

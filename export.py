@@ -3,6 +3,7 @@
     python export.py --checkpoint runs/shapes-beta4/best.pt                # -> runs/shapes-beta4/decoder.onnx
     python export.py --checkpoint runs/shapes-beta4/best.pt --encoder      # also encoder.onnx
     python export.py --checkpoint runs/shapes-beta4/best.pt --bench        # onnxruntime vs PyTorch speed
+    python export.py --checkpoint runs/shipped/best.pt --ship assets/model  # the shipped model (assets/remake.py)
 
 decoder.onnx maps z (N, latent_dim) float32 to image (N, C, 64, 64) in [0, 1]; encoder.onnx maps image to
 mu and logvar, with no random ops. Both carry betavae's metadata, so infer_onnx.py needs nothing else;
@@ -13,6 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import platform
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ import onnx
 import torch
 
 import betavae as bv
+import metrics
 from infer_onnx import Decoder, Parser, UserError, decoder_speed, open_model, png_bytes, report_errors, speed_table
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| allowed on outputs in [0, 1] or codes
@@ -103,6 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="decoder file (default: decoder.onnx beside the checkpoint)")
     parser.add_argument("--encoder", action="store_true", help="also write encoder.onnx beside the decoder")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument("--ship", metavar="DIR", help="write the model as shipped into DIR: model.pt (weights and config, "
+                        "no optimiser), both ONNX files, the run's metrics.json and history.csv, and MODEL_CARD.md")
     parser.add_argument("--bench", action="store_true", help="then time onnxruntime against PyTorch eager")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per batch size for --bench (default: 50)")
     args = parser.parse_args(argv)
@@ -114,6 +121,9 @@ def run(args) -> None:
     model, cfg = bv.model_from_state(state, args.checkpoint)
     ranking = bv.kl_ranking(state, model, cfg, "cpu")
     factors = bv.factor_labels(state, model, cfg, "cpu")
+    if args.ship:
+        args.out, args.encoder = str(Path(args.ship) / "decoder.onnx"), True
+        ship(state, cfg, Path(args.checkpoint), Path(args.ship))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "decoder.onnx"
     bv.make_output_folder(out.parent)
     generator = torch.Generator().manual_seed(0)
@@ -129,6 +139,8 @@ def run(args) -> None:
     if args.encoder:
         export(model.encoder, images, out.parent / "encoder.onnx", input_name="image", output_names=["mu", "logvar"],
                props={**metadata(cfg, state, ranking, factors, "encoder"), **example_images(cfg)}, opset=args.opset)
+    if args.ship:
+        write_model_card(Path(args.ship), cfg)
     if args.bench:
         decoder = Decoder(out)
         with torch.no_grad():
@@ -137,6 +149,82 @@ def run(args) -> None:
                                                       cfg.latent_dim, args.repeats)}
         print(f"decoder speed on the CPU ({torch.get_num_threads()} PyTorch threads), median of {args.repeats} calls:")
         print(speed_table(results))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shipped model: what assets/model/ holds, made by assets/remake.py
+
+SHIPPED_STATE = ("format", "version", "config", "model", "kl_per_dim", "dim_factors")  # no optimiser, no random states
+
+
+def ship(state: dict, cfg: bv.Config, checkpoint: Path, folder: Path) -> None:
+    """model.pt (the checkpoint's weights, config and per-dim labels), and the run's metrics.json and history.csv."""
+    missing = [name for name in ("metrics.json", "history.csv") if not (checkpoint.parent / name).is_file()]
+    if missing:
+        raise UserError(f"{checkpoint.parent} lacks {' and '.join(missing)}: run `betavae.py evaluate` on the "
+                        f"checkpoint first")
+    bv.make_output_folder(folder)
+    slim = {key: state[key] for key in SHIPPED_STATE} | {"run": {"epoch": state["run"]["epoch"]}}
+    bv.save_checkpoint(folder / "model.pt", slim)
+    for name in ("metrics.json", "history.csv"):
+        shutil.copyfile(checkpoint.parent / name, folder / name)
+    print(f"wrote {folder / 'model.pt'}: {os.path.getsize(folder / 'model.pt') / 1e6:.1f} MB, epoch {state['run']['epoch']}")
+
+
+def machine() -> str:
+    """The CPU's name (and the GPU's where there is one), for the model card."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores{gpu}), PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def train_command(cfg: bv.Config) -> str:
+    """The `train` command line that makes this config: --beta and the flags that differ from the defaults."""
+    argv = ["train", "--dataset", cfg.dataset]
+    args = bv.build_parser().parse_args(argv)
+    args.given = bv.given_flags(argv)
+    default, skip = bv.config_from_args(args), {"beta", "out", "channels", "device", "tensorboard", "eval_every"}
+    flags = [f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{name.replace('_', '-')} {value}"
+             for name, value in asdict(cfg).items() if name not in skip and value != getattr(default, name)]
+    return " ".join(["python betavae.py train --beta", f"{cfg.beta:g}", *flags])
+
+
+def write_model_card(folder: Path, cfg: bv.Config) -> None:
+    """MODEL_CARD.md from the shipped files: data, command, images, seed, metrics, machine and time."""
+    scores = json.loads((folder / "metrics.json").read_text())
+    history = bv.read_history(folder / "history.csv")
+    epoch = bv.read_checkpoint(folder / "model.pt")["run"]["epoch"]
+    train_set, val_set = bv.make_datasets(cfg)
+    epoch_images = cfg.epoch_size or len(train_set)
+    show = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)
+    rows = [f"| {name} | {show(scores[name])} |" for name in ("val_recon", "val_kl", "active_dims", *metrics.METRIC_NAMES)
+            if name in scores]
+    per_factor = ", ".join(f"{k} {v:.3f}" for k, v in scores.get("mig_per_factor", {}).items())
+    data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
+    card = f"""# The shipped model: a β-VAE of {data}
+
+betavae {bv.__version__}'s default run, remade with every README picture by `python assets/remake.py`.
+
+| | |
+| --- | --- |
+| data | {data}: {len(train_set):,} training and {len(val_set):,} validation images, {cfg.channels}x64x64 |
+| command | `{train_command(cfg)}` (seed {cfg.seed}) |
+| model | {cfg.arch} network, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} on the {"total correlation" if cfg.objective == "tc" else "KL"} |
+| training | {len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch {cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation objective |
+| time | {bv.format_duration(history[-1]["elapsed_s"])} of training on {machine()} |
+| files | `model.pt` (weights and config, loads with `torch.load(..., weights_only=True)`), `decoder.onnx`, `encoder.onnx` (with betavae's metadata), `metrics.json`, `history.csv` |
+| licence | none chosen yet: the repository has no licence file |
+
+## `python betavae.py evaluate` (seed {scores["seed"]}, --n {scores["n"]}, --points {" ".join(map(str, scores["points"]))})
+
+| metric | value |
+| --- | --- |
+""" + "\n".join(rows) + f"\n\nMIG per factor: {per_factor}\n"
+    (folder / "MODEL_CARD.md").write_text(card)
+    print(f"wrote {folder / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python infer_onnx.py interpolate --model decoder.onnx --encoder encoder.onnx --images a.png b.png
     python infer_onnx.py bench --model runs/shapes-beta4/decoder.onnx
     python infer_onnx.py explore --model decoder.onnx --encoder encoder.onnx   # sliders in the browser
+    python infer_onnx.py explore        # no --model: the newest run's decoder.onnx, else the shipped model's
 
 `export.py` writes decoder.onnx (z -> image) and encoder.onnx (image -> mu, logvar) with betavae's metadata
 (latent size, image size, the latent dims ranked by KL). The picture helpers below are torch-free, so
@@ -18,6 +19,7 @@ import base64
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -578,7 +580,8 @@ def build_parser() -> Parser:
     parser = Parser(prog="infer_onnx.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     common = Parser(add_help=False)
-    common.add_argument("--model", required=True, help="decoder.onnx written by export.py")
+    common.add_argument("--model", help="decoder.onnx written by export.py (default: the newest runs/*/decoder.onnx, "
+                        "else the shipped model's, assets/model/decoder.onnx)")
     common.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda needs onnxruntime-gpu (default: cpu)")
     common.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0, onnxruntime's choice)")
@@ -625,9 +628,33 @@ def build_parser() -> Parser:
     return parser
 
 
+SHIPPED = Path(__file__).resolve().parent / "assets" / "model"  # the shipped model (export.py --ship)
+
+
+def default_model(args) -> None:
+    """Without --model: the newest run's decoder.onnx, else the shipped model's, with the encoder beside it where
+    the command takes one and none is given; one line says which."""
+    if args.model:
+        return
+    found = sorted(Path("runs").glob("*/decoder.onnx"), key=lambda p: p.stat().st_mtime)
+    if not found and not (SHIPPED / "decoder.onnx").is_file():
+        raise UserError("no decoder.onnx in runs/*/: export one with export.py, or pass --model")
+    path, which = (found[-1], "the newest run") if found else (SHIPPED / "decoder.onnx", "the shipped model")
+    args.model, encoder = str(path), path.with_name("encoder.onnx")
+    takes_encoder = "encoder" in vars(args) and args.encoder is None and encoder.is_file()
+    if takes_encoder:
+        args.encoder = str(encoder)
+    print(f"using {os.path.relpath(path)}, {which}{' (and its encoder)' if takes_encoder else ''}; --model picks another")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    report_errors(args.func, args)
+    report_errors(run, args)
+
+
+def run(args) -> None:
+    default_model(args)
+    args.func(args)
 
 
 if __name__ == "__main__":

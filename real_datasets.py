@@ -60,12 +60,12 @@ class DSprites(Dataset):
     def images(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.unpackbits(self.packed[rows], axis=-1)).float().unsqueeze(1)
 
-    def render(self, factors) -> torch.Tensor:
-        """The images with the given factor classes, looked up in the file."""
+    def render(self, factors, device=None) -> torch.Tensor:
+        """The images with the given factor classes, looked up in the file (on `device`, as render_shapes)."""
         rows = self.rows[np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)]
         if (rows < 0).any():
             raise UserError("this dSprites file lacks some factor combinations asked for")
-        return self.images(rows)
+        return self.images(rows).to(device)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images(np.array([index]))[0]

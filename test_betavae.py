@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -783,6 +784,18 @@ def test_figures_default_to_the_newest_run_folder(tiny_run, tmp_path, capsys, mo
     assert (out / "samples.png").is_file() and str(Path("runs/tiny/samples.png")) in result.stdout
     result = cli_in_process(capsys, "plot")
     assert result.returncode == 0 and (out / "plot.png").is_file()
+    # no run: the shipped model, whose folder is left as shipped (pictures go to runs/pretrained)
+    shipped = tmp_path / "assets" / "model.pt"
+    shipped.parent.mkdir()
+    shutil.copy(out / "best.pt", shipped)
+    monkeypatch.setattr(bv, "SHIPPED", shipped)
+    os.unlink(tmp_path / "runs" / "tiny")
+    result = cli_in_process(capsys, "sample", "--n", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"using {Path('assets/model.pt')}, the shipped model (no run in runs/)" in result.stdout
+    assert (tmp_path / "runs/pretrained/samples.png").is_file() and os.listdir(shipped.parent) == ["model.pt"]
+    shipped.unlink()
+    assert_one_line_error(cli_in_process(capsys, "sample"), "no checkpoint in runs/*/best.pt: train one first")
 
 
 def test_dims_are_chosen_in_kl_order():
@@ -898,6 +911,23 @@ def exported(tiny_run):
     result = run_script("export.py", "--checkpoint", out / "best.pt", "--encoder")
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def test_infer_onnx_uses_the_newest_run_else_the_shipped_model(exported, tmp_path, capsys, monkeypatch):
+    out, _ = exported
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(onnx_tool, "SHIPPED", out)
+    result = cli_in_process(capsys, "sample", "--n", "4", main=onnx_tool.main)
+    assert result.returncode == 0, result.stderr
+    assert f"using {os.path.relpath(out / 'decoder.onnx')}, the shipped model; --model picks another" in result.stdout
+    (tmp_path / "runs").mkdir()
+    os.symlink(out, tmp_path / "runs" / "tiny")
+    result = cli_in_process(capsys, "traverse", "--dims", "2", "--steps", "3", main=onnx_tool.main)
+    assert result.returncode == 0, result.stderr
+    assert f"using {Path('runs/tiny/decoder.onnx')}, the newest run (and its encoder)" in result.stdout
+    os.unlink(tmp_path / "runs" / "tiny")
+    monkeypatch.setattr(onnx_tool, "SHIPPED", tmp_path / "nothing")
+    assert_one_line_error(cli_in_process(capsys, "sample", main=onnx_tool.main), "no decoder.onnx in runs/*/")
 
 
 @pytest.fixture
@@ -1154,7 +1184,6 @@ def test_explorer_refuses_bad_flags_and_a_busy_port_in_one_line(exported):
 def browser_or_fail():
     """Debian's chromium and Playwright: a test without them is skipped with the reason, and fails in CI
     (.ci/run sets CI and installs both)."""
-    import shutil
     path = shutil.which("chromium")
     try:
         from playwright.sync_api import sync_playwright
@@ -1869,3 +1898,48 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise():
     for process, (_, expected) in zip(probes, cases):
         stdout, stderr = process.communicate(timeout=120)
         assert stdout.strip() == expected, stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shipped model: assets/model, made by assets/remake.py
+
+SHIPPED_FILES = ["MODEL_CARD.md", "decoder.onnx", "encoder.onnx", "history.csv", "metrics.json", "model.pt"]
+
+
+def check_shipped(folder: Path) -> None:
+    """What a shipped model must hold: weights that load with today's code, an ONNX decoder equal to them, ONNX
+    metadata matching the config, and a model card quoting metrics.json."""
+    assert sorted(os.listdir(folder)) == SHIPPED_FILES
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert not {"optimizer", "scheduler", "rng"} & set(state)  # weights and config only
+    model, cfg = bv.load_checkpoint(folder / "model.pt")  # a change of format fails here, not for a user
+    z = torch.randn(16, cfg.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.decode(z).numpy()
+    assert np.abs(onnx_tool.Decoder(folder / "decoder.onnx")(z.numpy()) - expected).max() <= 1e-4
+    for role in ("decoder", "encoder"):
+        props = {p.key: p.value for p in __import__("onnx").load(str(folder / f"{role}.onnx")).metadata_props}
+        assert (int(props["latent_dim"]), int(props["channels"]), float(props["beta"]), props["dataset"],
+                props["recon"], int(props["epoch"])) == (cfg.latent_dim, cfg.channels, cfg.beta, cfg.dataset,
+                                                         cfg.recon, state["run"]["epoch"])
+        assert json.loads(props["dim_factors"]) == state["dim_factors"] and props["role"] == role
+    scores, card = json.loads((folder / "metrics.json").read_text()), (folder / "MODEL_CARD.md").read_text()
+    quoted = dict(re.findall(r"^\| (\w+) \| ([-\d.]+) \|$", card, re.M))
+    assert quoted and {name: float(value) for name, value in quoted.items()} == \
+        {name: pytest.approx(scores[name], abs=5e-5) for name in quoted}
+    assert {"val_recon", "mig", "factor_vae_score"} <= set(quoted)
+    assert f"{len(bv.read_history(folder / 'history.csv')) * cfg.epoch_size:,} images" in card
+
+
+def test_remake_trains_evaluates_ships_and_draws_the_pictures(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("remake", HERE / "assets" / "remake.py")
+    remake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remake)
+    tiny = [*TINY, "--epochs", "2", "--device", "cpu"]
+    remake.remake(tmp_path / "run", tmp_path / "assets", tiny, ["--n", "100", "--points", "10", "5"])
+    check_shipped(tmp_path / "assets" / "model")
+    drawn = {"traverse.png", "traverse.gif", "interpolate.png", "sample.png", "reconstruct.png", "plot.png",
+             "reconstructions.png"} | ({"explorer.png"} if shutil.which("chromium") else set())
+    assert drawn <= set(os.listdir(tmp_path / "assets"))
+    assert "explorer" in capsys.readouterr().out
