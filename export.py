@@ -200,7 +200,7 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
     train_set, val_set = bv.make_datasets(cfg)
     epoch_images = cfg.epoch_size or len(train_set)
     show = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)
-    rows = [f"| {name} | {show(scores[name])} |" for name in ("val_recon", "val_kl", "active_dims", *metrics.METRIC_NAMES)
+    rows = [f"| {name} | {show(scores[name])} |" for name in ("val_recon", "val_kl", "active_dims", *metrics.SCORE_NAMES)
             if name in scores]
     per_factor = ", ".join(f"{k} {v:.3f}" for k, v in scores.get("mig_per_factor", {}).items())
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset

@@ -253,6 +253,29 @@ def factor_vae_score(representation, space, rng: np.random.Generator, n_train: i
     return float(held_out[classifier, np.arange(len(active))].sum() / held_out.sum())
 
 
+def shape_hits(recon: np.ndarray, candidates: np.ndarray, corners: np.ndarray, shapes: np.ndarray,
+               shift: int = 2) -> np.ndarray:
+    """Does each reconstruction fit its own shape best? recon (N, H, W) in [0, 1]; candidates (N, K, S, side,
+    side): the K shapes drawn at the image's orientation and position, each at S sizes, in the window whose
+    top-left pixel is corners (N, 2) (x, y); shapes (N,) the true shape. Each candidate is also shifted by up to
+    `shift` pixels; the shape whose best size and shift has the least squared error wins. Free size and shift
+    leave the outline alone to decide: the area and the centroid (a heart's lies off its box's centre) would
+    tell the shapes apart in a round blob."""
+    n, k, s, side, _ = candidates.shape
+    flat = candidates.reshape(n, k * s, side * side).astype(np.float32)
+    # squared error over the image = |recon|^2 + |c|^2 - 2 recon.c: the first term is the same for every c
+    energy, best = (flat * flat).sum(axis=2), np.full((n, k * s), np.inf, dtype=np.float32)
+    padded = np.pad(recon.astype(np.float32), ((0, 0), (side + shift,) * 2, (side + shift,) * 2))
+    span, items = np.arange(side), np.arange(n)[:, None, None]
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            ys = corners[:, 1, None] + dy + side + shift + span  # (N, side) rows of the shifted window
+            xs = corners[:, 0, None] + dx + side + shift + span
+            window = padded[items, ys[:, :, None], xs[:, None, :]].reshape(n, side * side, 1)
+            best = np.minimum(best, energy - 2 * (flat @ window)[:, :, 0])
+    return best.reshape(n, k, s).min(axis=2).argmin(axis=1) == shapes
+
+
 class Progress:
     """What evaluate shows on the way: each metric as it starts and the seconds it took, and while images are
     encoded, how many and the time left (rewritten in place on a terminal, a line every 30 s in a log).
@@ -341,6 +364,7 @@ def disentanglement_metrics(representation, space, n: int, seed: int, points: tu
 
 METRIC_NAMES = ["mig", "sap", "modularity", "dci_disentanglement", "dci_completeness", "dci_informativeness",
                 "beta_vae_score", "factor_vae_score"]  # the numbers disentanglement_metrics returns
+SCORE_NAMES = [*METRIC_NAMES, "shape_accuracy"]  # and the reconstructions' shape accuracy: what evaluate records
 
 
 def metric_groups(text: str) -> tuple[str, ...]:

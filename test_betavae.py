@@ -1447,7 +1447,7 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path, capsys):
     assert second.returncode == 0, second.stderr
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
     keys = {"mig", "sap", "modularity", "beta_vae_score", "factor_vae_score", "val_recon", "val_kl", "active_dims",
-            "kl_per_dim"}
+            "kl_per_dim", "shape_accuracy"}
     assert keys <= set(a)
     a.pop("seconds"), b.pop("seconds")
     assert a == b  # the same seed repeats exactly
@@ -1456,6 +1456,24 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path, capsys):
     assert list(a["mig_per_factor"]) == list(bv.FACTOR_NAMES)  # each shapes factor's gap, by name
     assert np.mean(list(a["mig_per_factor"].values())) == pytest.approx(a["mig"])
     assert "MIG per factor" in first.stdout and "pos_x" in first.stdout
+
+
+def test_shape_accuracy_counts_outlines_not_area_or_centroid():
+    factors = bv.Shapes().factors(torch.arange(0, 737_280, 3_001)[:240])  # 80 or so of each shape
+    images, shapes = bv.render_shapes(factors)[:, 0].numpy(), factors[:, 0].numpy()
+    candidates, corners = bv.shape_candidates(factors)
+    assert metrics.shape_hits(images, candidates, corners, shapes).all()  # the identity reconstruction scores 1
+    other = factors.clone()
+    other[:, 0] = (other[:, 0] + 1) % 3  # every sprite drawn as the next shape: 0
+    assert not metrics.shape_hits(bv.render_shapes(other)[:, 0].numpy(), candidates, corners, shapes).any()
+    moved = np.roll(images, (2, -2), axis=(1, 2))  # shifted by 2 pixels: still its shape
+    assert metrics.shape_hits(moved, candidates, corners, shapes).all()
+    # a round blob of the sprite's area and centroid: about chance (1/3), where the true factors alone would
+    # give the shape away through them
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    discs = np.stack([(ys - ys[m].mean()) ** 2 + (xs - xs[m].mean()) ** 2 <= m.sum() / np.pi
+                      for m in images > 0.5]).astype(np.float32)
+    assert 0.2 < metrics.shape_hits(discs, candidates, corners, shapes).mean() < 0.5
 
 
 def test_a_metric_scores_the_same_alone_or_among_the_others():
@@ -1502,8 +1520,8 @@ def test_eval_every_adds_the_metrics_to_history_and_plots(tmp_path, monkeypatch)
     monkeypatch.setattr(bv, "EVAL_EVERY_SAMPLE", {"n": 60, "points": (10, 5)})  # tiny, for speed
     assert train_in_process(tmp_path / "run", "--epochs", "2", "--eval-every", "2") == 0
     rows = list(csv.DictReader(open(tmp_path / "run/history.csv")))
-    assert set(metrics.METRIC_NAMES) <= set(rows[0])
-    assert rows[0]["mig"] == "" and all(0 <= float(rows[1][m]) <= 1 for m in metrics.METRIC_NAMES)
+    assert set(metrics.SCORE_NAMES) <= set(rows[0])
+    assert rows[0]["mig"] == "" and all(0 <= float(rows[1][m]) <= 1 for m in metrics.SCORE_NAMES)
     assert png(tmp_path / "run/loss_curves.png").size == (880, 1440)  # a sixth row: the metrics
     bv.main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plot.png")])
     assert png(tmp_path / "plot.png").size == (880, 1440)
