@@ -1950,6 +1950,11 @@ def check_shipped(folder: Path) -> None:
     assert f"{len(bv.read_history(folder / 'history.csv')) * cfg.epoch_size:,} images" in card
 
 
+def test_the_shipped_model_loads_and_its_files_agree():
+    check_shipped(HERE / "assets" / "model")
+    assert sum(f.stat().st_size for f in (HERE / "assets").rglob("*") if f.is_file()) <= 6e6
+
+
 def test_remake_trains_evaluates_ships_and_draws_the_pictures(tmp_path, capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("remake", HERE / "assets" / "remake.py")
