@@ -126,7 +126,8 @@ def bench(args) -> None:
     step_flops = training_flops(lambda: step(x))
     options = time_in_turns({name: step_loop(cfg, device, x, steps, **flags) for name, flags in STEP_OPTIONS.items()},
                             args.repeats) if args.options else {}
-    report(args, cfg, device, bf16, data_path, rates, step_flops, step_flops * steps / seconds["train step, data in memory"] / 1e9,
+    achieved = step_flops * steps / seconds["train step, data in memory"] / 1e9
+    report(args, cfg, device, bf16, data_path, rates, step_flops, achieved,
            {name: steps * cfg.batch_size / s for name, s in options.items()})
 
 
@@ -186,7 +187,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed repetition (default: 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up (default: 5)")
     parser.add_argument("--options", action="store_true", help="also time each option of the training step "
-                        "(channels_last, fused Adam, bf16 autocast, torch.compile), alone and together, against the plain loop")
+                        "(channels_last, fused Adam, bf16 autocast, torch.compile), alone and together, against the "
+                        "plain loop")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     args.given = bv.given_flags(argv)

@@ -710,8 +710,8 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=LR_PATIENCE)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
-    t = Training(cfg, ranks, device, bf16, out, train_set, val_set, model, optimizer,
-                 scheduler, sampler_rng, {"epoch": 0, "step": 0, "sums": torch.zeros(len(LOGGED_TERMS)), "seen": 0, "history": [],
+    t = Training(cfg, ranks, device, bf16, out, train_set, val_set, model, optimizer, scheduler, sampler_rng,
+                 {"epoch": 0, "step": 0, "sums": torch.zeros(len(LOGGED_TERMS)), "seen": 0, "history": [],
                   "best": math.inf, "elapsed": 0.0, "epoch_sampler": sampler_rng.get_state()})
     if cfg.tensorboard and ranks.main:
         try:

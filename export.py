@@ -204,25 +204,26 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
             if name in scores]
     per_factor = ", ".join(f"{k} {v:.3f}" for k, v in scores.get("mig_per_factor", {}).items())
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
-    card = f"""# The shipped model: a β-VAE of {data}
-
-betavae {bv.__version__}'s default run, remade with every README picture by `python assets/remake.py`.
-
-| | |
-| --- | --- |
-| data | {data}: {len(train_set):,} training and {len(val_set):,} validation images, {cfg.channels}x64x64 |
-| command | `{train_command(cfg)}` (seed {cfg.seed}) |
-| model | {cfg.arch} network, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} on the {"total correlation" if cfg.objective == "tc" else "KL"} |
-| training | {len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch {cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation objective |
-| time | {bv.format_duration(history[-1]["elapsed_s"])} of training on {machine()} |
-| files | `model.pt` (weights and config, loads with `torch.load(..., weights_only=True)`), `decoder.onnx`, `encoder.onnx` (with betavae's metadata), `metrics.json`, `history.csv` |
-| licence | none chosen yet: the repository has no licence file |
-
-## `python betavae.py evaluate` (seed {scores["seed"]}, --n {scores["n"]}, --points {" ".join(map(str, scores["points"]))})
-
-| metric | value |
-| --- | --- |
-""" + "\n".join(rows) + f"\n\nMIG per factor: {per_factor}\n"
+    objective = "total correlation" if cfg.objective == "tc" else "KL"
+    facts = {"data": f"{data}: {len(train_set):,} training and {len(val_set):,} validation images, "
+                     f"{cfg.channels}x64x64",
+             "command": f"`{train_command(cfg)}` (seed {cfg.seed})",
+             "model": f"{cfg.arch} network, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
+                      f"on the {objective}",
+             "training": f"{len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch "
+                         f"{cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation "
+                         f"objective",
+             "time": f"{bv.format_duration(history[-1]['elapsed_s'])} of training on {machine()}",
+             "files": "`model.pt` (weights and config, loads with `torch.load(..., weights_only=True)`), "
+                      "`decoder.onnx`, `encoder.onnx` (with betavae's metadata), `metrics.json`, `history.csv`",
+             "licence": "none chosen yet: the repository has no licence file"}
+    card = "\n".join([f"# The shipped model: a β-VAE of {data}", "",
+                      f"betavae {bv.__version__}'s default run, remade with every README picture by "
+                      f"`python assets/remake.py`.", "", "| | |", "| --- | --- |",
+                      *(f"| {name} | {text} |" for name, text in facts.items()), "",
+                      f"## `python betavae.py evaluate` (seed {scores['seed']}, --n {scores['n']}, --points "
+                      f"{' '.join(map(str, scores['points']))})", "", "| metric | value |", "| --- | --- |", *rows, "",
+                      f"MIG per factor: {per_factor}", ""])
     (folder / "MODEL_CARD.md").write_text(card)
     print(f"wrote {folder / 'MODEL_CARD.md'}")
 

@@ -919,7 +919,8 @@ def test_infer_onnx_uses_the_newest_run_else_the_shipped_model(exported, tmp_pat
     monkeypatch.setattr(onnx_tool, "SHIPPED", out)
     result = cli_in_process(capsys, "sample", "--n", "4", main=onnx_tool.main)
     assert result.returncode == 0, result.stderr
-    assert f"using {os.path.relpath(out / 'decoder.onnx')}, the shipped model; --model picks another" in result.stdout
+    shipped = os.path.relpath(out / "decoder.onnx")
+    assert f"using {shipped}, the shipped model (none in runs/); --model picks another" in result.stdout
     (tmp_path / "runs").mkdir()
     os.symlink(out, tmp_path / "runs" / "tiny")
     result = cli_in_process(capsys, "traverse", "--dims", "2", "--steps", "3", main=onnx_tool.main)
