@@ -5,7 +5,8 @@ MIG (Chen et al. 2018), SAP (Kumar et al. 2018), DCI (Eastwood & Williams 2018) 
 Mozer 2018) take codes (N, D), the posterior means, and factors (N, K), integer factor classes. The beta-VAE
 (Higgins et al. 2017) and FactorVAE (Kim & Mnih 2018) scores take a `representation`, a function from
 (B, K) factor classes to (B, D) codes, because they sample images with chosen factors. betavae.py's
-`evaluate` passes its encoder as that function:
+`evaluate` passes its encoder as that function, wrapped in a CodeTable that encodes each combination once,
+and scores the reconstructions' outlines with shape_hits:
 
     python betavae.py evaluate --checkpoint runs/shapes-beta4/best.pt
 """
