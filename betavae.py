@@ -1214,7 +1214,7 @@ def open_checkpoint(args) -> tuple[BetaVAE, Config, dict, Path, torch.device]:
 def output_path(args, run: Path, name: str) -> Path:
     """--out, or `name` in the run's folder (runs/pretrained for the shipped model, whose files stay as shipped);
     its folder is made and checked writable."""
-    path = Path(args.out) if args.out else (Path("runs/pretrained") if run == SHIPPED.parent else run) / name
+    path = Path(args.out) if args.out else (Path("runs/pretrained") if run.resolve() == SHIPPED.parent else run) / name
     make_output_folder(path.parent)
     return path
 

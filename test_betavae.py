@@ -794,6 +794,8 @@ def test_figures_default_to_the_newest_run_folder(tiny_run, tmp_path, capsys, mo
     assert result.returncode == 0, result.stderr
     assert f"using {Path('assets/model.pt')}, the shipped model (no run in runs/)" in result.stdout
     assert (tmp_path / "runs/pretrained/samples.png").is_file() and os.listdir(shipped.parent) == ["model.pt"]
+    result = cli_in_process(capsys, "reconstruct", "--checkpoint", "assets/model.pt", "--n", "2")  # named, relative
+    assert result.returncode == 0 and os.listdir(shipped.parent) == ["model.pt"], result.stderr
     shipped.unlink()
     assert_one_line_error(cli_in_process(capsys, "sample"), "no checkpoint in runs/*/best.pt: train one first")
 
