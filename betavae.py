@@ -14,8 +14,9 @@ Watters et al. 2019 (the spatial broadcast decoder).
     python betavae.py train --dataset mnist --data-dir data --download    # or dsprites, celeba, folder
     torchrun --standalone --nproc_per_node 2 betavae.py train --beta 4   # DistributedDataParallel
 
-Beside this file: metrics.py (the disentanglement metrics, on arrays), bench.py (throughput), study.py
-(time to disentangle), export.py and infer_onnx.py (the decoder through ONNX, without torch).
+Beside this file: metrics.py (the disentanglement metrics, on arrays), measure.py (evaluate, the shape
+accuracy), bench.py (throughput), study.py (time to disentangle), export.py and infer_onnx.py (the decoder
+through ONNX, without torch).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision.utils import save_image  # noqa: E402
 
 import metrics  # noqa: E402  (torch-free: the disentanglement metrics on arrays)
+# run as a script this module is __main__: measure.py's `import betavae` must find it, not load a second copy
+sys.modules.setdefault("betavae", sys.modules[__name__])
 # torch-free picture helpers shared with infer_onnx.py, so that both tools draw the same pictures
 from infer_onnx import (PADDING, Parser, UserError, image_grid, interpolation_codes, interpolation_figure,  # noqa: E402
                         labelled, read_image, report_errors, save_figure, select_dims, stack_vertically,
@@ -978,12 +981,13 @@ def epoch_row(t: Training, epoch: int, beta: float, capacity, val: dict, images:
            "elapsed_s": t.run["elapsed"] + time.perf_counter() - t.clock, "kl_per_dim": val["kl_per_dim"],
            "dim_factors": validation_factors(val["codes"], t.val_loader.dataset) if t.ranks.main else None}
     if t.ranks.main and t.cfg.eval_every and (epoch % t.cfg.eval_every == 0 or epoch == t.cfg.epochs):
+        import measure  # beside this file, as evaluate
         dataset = load_dataset(t.cfg)[0]
         if hasattr(dataset, "render"):
-            row.update(metrics.disentanglement_metrics(encoder_representation(t.model, dataset, t.device),
+            row.update(metrics.disentanglement_metrics(measure.encoder_representation(t.model, dataset, t.device),
                                                        metrics.FactorSampler.of_dataset(dataset), seed=0,
                                                        **EVAL_EVERY_SAMPLE))
-        if (accuracy := shape_accuracy(t.model, t.val_set, t.device)) is not None:
+        if (accuracy := measure.shape_accuracy(t.model, t.val_set, t.device)) is not None:
             row["shape_accuracy"] = accuracy
         t.model.train()
     return row
@@ -1388,92 +1392,10 @@ def plot(args) -> None:
     print(f"wrote plots: {out}")
 
 
-# the shape accuracy's candidate sizes, x RADIUS (the true ones: 0.5 to 1): a coarser grid lets the area, which
-# only the true shape matches exactly on the grid, decide (a disc of the true area scored 0.47 at 9 sizes, 0.41 at 17)
-FIT_SIZES = torch.linspace(0.4, 1.2, 17)
-FIT_WINDOW = 32  # pixels around a sprite's centre: the largest candidate (radius 12) shifted by 2 fits
-
-
-def shape_candidates(factors: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The three shapes at each image's orientation and position, at every FIT_SIZES size, in the FIT_WINDOW
-    window around its centre: (candidates (N, 3, sizes, side, side), the windows' top-left pixels (N, 2))."""
-    geometry = shape_geometry(factors)
-    corners = geometry[1:3].T.round() - FIT_WINDOW // 2
-    n, k, s = geometry.shape[1], FACTOR_SIZES[0], len(FIT_SIZES)
-    each = geometry[:, :, None, None].repeat(1, 1, k, s)  # (6, N, shapes, sizes)
-    each[0], each[3] = torch.arange(k)[:, None].float(), RADIUS * FIT_SIZES
-    drawn = draw_shapes(each.reshape(6, -1), corners.repeat_interleave(k * s, dim=0), FIT_WINDOW)
-    return drawn.view(n, k, s, FIT_WINDOW, FIT_WINDOW).numpy(), corners.long().numpy()
-
-
-@torch.no_grad()
-def shape_accuracy(model: BetaVAE, val_set: Dataset, device, n: int = 2000) -> Optional[float]:
-    """How often the reconstruction (decoded from mu) of one of the first n validation images fits its own shape
-    best among the three, each at its best size and shift (metrics.shape_hits; chance 1/3; n 2000: +-0.011);
-    None for data not drawn by render_shapes."""
-    shapes, grid = base_items(val_set)
-    if not isinstance(shapes, Shapes):
-        return None
-    model.eval()
-    hits, device = [], torch.device(device)
-    for part in np.array_split(grid[:n], math.ceil(min(n, len(grid)) / 500)):  # ~100 MB of candidates at a time
-        factors = shapes.factors(part)
-        x = render_shapes(factors, device).contiguous(memory_format=memory_format(device))
-        recon = model.decode(model.encode(x)[0])[:, 0].float().cpu().numpy()
-        hits.append(metrics.shape_hits(recon, *shape_candidates(factors), factors[:, 0].numpy()))
-    return float(np.concatenate(hits).mean())
-
-
-def encoder_representation(model: BetaVAE, dataset, device, bf16: bool = False, progress=None):
-    """factors -> codes, for the metrics: render the images with those factors and encode them to mu, each
-    factor combination once, at the fast settings (no autograd, channels_last, bf16 where native)."""
-    model.eval()
-
-    @torch.inference_mode()
-    def encode(factors: np.ndarray) -> np.ndarray:
-        images = dataset.render(torch.from_numpy(factors), device).contiguous(memory_format=memory_format(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model.encode(images)[0].float().cpu().numpy()
-    batch = 4096 if device.type == "cuda" else 512  # a GPU wants large batches; a CPU gains nothing above 512
-    return metrics.CodeTable(encode, dataset.factor_sizes, batch, progress)
-
-
 def evaluate(args) -> None:
-    """Reconstruction, KL and active dims on validation data, and the six disentanglement metrics (metrics.py)
-    where the dataset has ground-truth factors; prints a table and writes JSON."""
-    if args.n < 10 or min(args.points) < 1:
-        raise UserError("--n must be >= 10 and --points >= 1")
-    model, cfg, _, path, device = open_checkpoint(args)
-    start = time.perf_counter()
-    val = checkpoint_validation(model, cfg, device)
-    results = {"checkpoint": str(path), "dataset": cfg.dataset, "seed": args.seed, "n": args.n,
-               "points": list(args.points), "val_recon": val["recon"], "val_kl": val["kl"],
-               "active_dims": active_dims(val["kl_per_dim"]), "kl_per_dim": val["kl_per_dim"]}
-    if (accuracy := shape_accuracy(model, val["val_set"], device)) is not None:
-        results["shape_accuracy"] = accuracy
-    dataset = load_dataset(cfg)[0]
-    if hasattr(dataset, "render"):
-        sampler = metrics.FactorSampler.of_dataset(dataset)
-        results["factors_drawn_from"] = sampler.describe()
-        if sampler.held is not None:
-            print(f"note: factors drawn from {sampler.describe()}")
-        progress = metrics.Progress()
-        bf16 = cfg.precision != "fp32" and native_bf16(device)  # never emulated bf16: 14x slower on an AVX2 CPU
-        representation = encoder_representation(model, dataset, device, bf16, progress)
-        results.update(metrics.disentanglement_metrics(representation, sampler, args.n, args.seed, args.points,
-                                                       args.metrics, progress))
-    else:
-        print(f"note: {cfg.dataset} has no ground-truth factors: the disentanglement metrics need them")
-    results["seconds"] = time.perf_counter() - start
-    for key, value in results.items():
-        if isinstance(value, float):
-            print(f"{key:>28}  {value:.4f}")
-    if "mig_per_factor" in results:  # which factors the code has separated, and which it mixes
-        results["mig_per_factor"] = dict(zip(dataset.factor_names, results["mig_per_factor"]))
-        print(f"{'MIG per factor':>28}  " + ", ".join(f"{k} {v:.3f}" for k, v in results["mig_per_factor"].items()))
-    out = output_path(args, path.parent, "metrics.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote metrics: {out}")
+    """The validation losses, the shape accuracy and the disentanglement metrics: measure.py."""
+    import measure  # beside this file: what measures the model, not the model
+    measure.evaluate(args)
 
 
 # ====================================================================================================

@@ -26,6 +26,7 @@ from torch.distributions import Normal, kl_divergence  # noqa: E402
 import betavae as bv  # noqa: E402
 import bench  # noqa: E402
 import export  # noqa: E402
+import measure  # noqa: E402
 import infer_onnx as onnx_tool  # noqa: E402
 import metrics  # noqa: E402
 import real_datasets  # noqa: E402
@@ -1464,7 +1465,7 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path, capsys):
 def test_shape_accuracy_counts_outlines_not_area_or_centroid():
     factors = bv.Shapes().factors(torch.arange(0, 737_280, 3_001)[:240])  # 80 or so of each shape
     images, shapes = bv.render_shapes(factors)[:, 0].numpy(), factors[:, 0].numpy()
-    candidates, corners = bv.shape_candidates(factors)
+    candidates, corners = measure.shape_candidates(factors)
     assert metrics.shape_hits(images, candidates, corners, shapes).all()  # the identity reconstruction scores 1
     other = factors.clone()
     other[:, 0] = (other[:, 0] + 1) % 3  # every sprite drawn as the next shape: 0
