@@ -105,7 +105,8 @@ def export(module, make_input, path: Path, *, input_name: str, output_names: lis
 def main(argv=None) -> None:
     parser = Parser(prog="export.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a betavae checkpoint, e.g. runs/NAME/best.pt")
-    parser.add_argument("--out", help="decoder file (default: decoder.onnx beside the checkpoint)")
+    parser.add_argument("--out", help="decoder file (default: decoder.onnx beside the checkpoint; "
+                        "runs/pretrained/ for the shipped model's)")
     parser.add_argument("--encoder", action="store_true", help="also write encoder.onnx beside the decoder")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     parser.add_argument("--ship", metavar="DIR", help="write the model as shipped into DIR: model.pt (weights and config, "
@@ -124,8 +125,7 @@ def run(args) -> None:
     if args.ship:
         args.out, args.encoder = str(Path(args.ship) / "decoder.onnx"), True
         ship(state, cfg, Path(args.checkpoint), Path(args.ship))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "decoder.onnx"
-    bv.make_output_folder(out.parent)
+    out = bv.output_path(args, Path(args.checkpoint).parent, "decoder.onnx")
     generator = torch.Generator().manual_seed(0)
 
     def codes(n):

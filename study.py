@@ -73,12 +73,21 @@ STUDY_VARIANTS.update({
     "recipe-tc-beta4-batch256-broadcast": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast",
     # Higgins et al.'s objective at the shapes default's settings: the two objectives side by side
     "recipe-kl-beta4-batch256-broadcast": f"{RECIPE} --beta 4 --batch-size 256 --arch broadcast",
-    # the shapes default at each precision: does bfloat16 cost anything at equal images?
-    **{f"default-{p}": f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast --precision {p}"
-       for p in ("fp32", "bf16")},
+})
+# the shapes default (betavae.SPRITES), typed out, and the shape study's changes to it, one at a time
+DEFAULT = f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast"
+STUDY_VARIANTS.update({
+    # at each precision: does bfloat16 cost anything at equal images?
+    **{f"default-{p}": f"{DEFAULT} --precision {p}" for p in ("fp32", "bf16")},
+    # a weaker pull on the code: β on the TC, or the plain ELBO (β 1 on the whole KL), or below it
+    **{f"default-tc-beta{beta}": f"{DEFAULT} --beta {beta}" for beta in (2, 6)},
+    **{f"default-kl-beta{beta}": f"{DEFAULT} --objective kl --beta {beta}" for beta in (1, 0.25)},
+    "default-lr1e-3": f"{DEFAULT} --lr 1e-3",
+    "default-batch64": f"{DEFAULT} --batch-size 64",
+    "default-latent16": f"{DEFAULT} --latent-dim 16",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
-                "val_recon", "val_kl", "active_dims", "mig_per_factor"]
+                "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
 
 
 def run_cli(argv: list[str], log: Path, threads: int) -> None:
@@ -141,6 +150,7 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
                      "minutes": row["elapsed_s"] / 60, "mig": scores["mig"],
                      "threads": "" if args.collect else threads,  # a collected run's are not on record
                      "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
+                     "shape_accuracy": scores.get("shape_accuracy", ""),  # absent before the measure existed
                      "mig_per_factor": " ".join(f"{k}={v:.3f}" for k, v in scores["mig_per_factor"].items()),
                      "val_kl": row["val_kl"], "active_dims": int(row["active_dims"])})
     return rows
@@ -157,6 +167,8 @@ def study_summary(rows: list[dict]) -> list[dict]:
                         "minutes": float(np.median([r["minutes"] for r in final])),
                         "mig": float(np.median(migs)), "mig_min": min(migs), "mig_max": max(migs),
                         "factor_vae_score": float(np.median([r["factor_vae_score"] for r in final])),
+                        "shape_accuracy": float(np.median([r["shape_accuracy"] for r in final])),
+                        "val_recon": float(np.median([r["val_recon"] for r in final])),
                         "flags": STUDY_VARIANTS[variant] or "(the tutorial's)"})
     return summary
 
@@ -217,10 +229,12 @@ def study(args) -> None:
     plot_study(rows, out / "study.png")
     summary = study_summary(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'variant':<20} {'seeds':>5} {'images':>8} {'minutes':>7}   {'MIG (min-max)':<21} {'FactorVAE':>9}")
+    print(f"{'variant':<20} {'seeds':>5} {'images':>9} {'minutes':>7}   {'MIG (min-max)':<21} {'FactorVAE':>9} "
+          f"{'shape acc':>9} {'recon':>6}")
     for s in summary:
-        print(f"{s['variant']:<20} {s['seeds']:>5} {s['images']:>8,} {s['minutes']:>7.1f}   "
-              f"{s['mig']:.3f} ({s['mig_min']:.3f}-{s['mig_max']:.3f})   {s['factor_vae_score']:>9.3f}")
+        print(f"{s['variant']:<20} {s['seeds']:>5} {s['images']:>9,} {s['minutes']:>7.1f}   "
+              f"{s['mig']:.3f} ({s['mig_min']:.3f}-{s['mig_max']:.3f})   {s['factor_vae_score']:>9.3f} "
+              f"{s['shape_accuracy']:>9.3f} {s['val_recon']:>6.1f}")
     print(f"wrote {out / 'study.csv'}, {out / 'study.png'}, {out / 'summary.json'}")
 
 

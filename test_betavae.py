@@ -797,6 +797,8 @@ def test_figures_default_to_the_newest_run_folder(tiny_run, tmp_path, capsys, mo
     assert (tmp_path / "runs/pretrained/samples.png").is_file() and os.listdir(shipped.parent) == ["model.pt"]
     result = cli_in_process(capsys, "reconstruct", "--checkpoint", "assets/model.pt", "--n", "2")  # named, relative
     assert result.returncode == 0 and os.listdir(shipped.parent) == ["model.pt"], result.stderr
+    export.main(["--checkpoint", "assets/model.pt"])  # its ONNX file goes to runs/pretrained too
+    assert os.listdir(shipped.parent) == ["model.pt"] and (tmp_path / "runs/pretrained/decoder.onnx").is_file()
     shipped.unlink()
     assert_one_line_error(cli_in_process(capsys, "sample"), "no checkpoint in runs/*/best.pt: train one first")
 
@@ -1822,7 +1824,7 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "study/study.csv")))
     assert [(r["variant"], r["epoch"], r["images"]) for r in rows] == [("latent10", "1", "64"), ("latent10", "2", "128")]
-    assert all(0 <= float(r["mig"]) <= 1 and 0 <= float(r["factor_vae_score"]) <= 1 for r in rows)
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("mig", "factor_vae_score", "shape_accuracy"))
     assert [part.split("=")[0] for part in rows[0]["mig_per_factor"].split()] == list(bv.FACTOR_NAMES)
     assert float(rows[1]["minutes"]) > float(rows[0]["minutes"]) > 0
     assert json.loads((tmp_path / "study/latent10-seed0/config.json").read_text())["latent_dim"] == 10
