@@ -56,7 +56,7 @@ def step_loop(cfg: bv.Config, device, x: torch.Tensor, steps: int, channels_last
     """A function running `steps` training steps of a fresh model on the batch x with the given options;
     all off is the plain loop."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = bv.BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
+    model = bv.BetaVAE.of(cfg).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
     # fixed shapes: a batch of another size compiles once more instead of tracing symbolic sizes
     trained, x = torch.compile(model, dynamic=False) if compile else model, x.contiguous(memory_format=fmt)
@@ -97,7 +97,7 @@ def bench(args) -> None:
     fmt, steps, n_data = bv.memory_format(device), args.steps, len(train_set)
     x = torch.stack([train_set[i % n_data] for i in range(cfg.batch_size)]).to(device).contiguous(memory_format=fmt)
     order = torch.Generator().manual_seed(0)
-    model = bv.BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=fmt)
+    model = bv.BetaVAE.of(cfg).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     settings, bf16 = bv.loss_settings(cfg, *bv.schedule(cfg, cfg.epochs)), bv.uses_bf16(cfg.precision, device)
 

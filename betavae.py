@@ -78,6 +78,7 @@ class Config:
     arch: str = option("tutorial", "network: the tutorial's (3x3 convs, BatchNorm), Burgess et al.'s (4x4 convs, no "
                        "BatchNorm), or theirs with a spatial broadcast decoder (Watters et al. 2019)",
                        choices=["tutorial", "burgess", "broadcast"])
+    width: int = option(1, "multiplies the channels of every layer of the network (1: the papers' widths)")
     # loss
     recon: str = option("mse", "reconstruction term: squared error or Bernoulli cross-entropy",
                         choices=["mse", "bce"])
@@ -147,6 +148,7 @@ def check_config(cfg: Config) -> None:
     rules = [
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.latent_dim >= 1, "--latent-dim must be >= 1"),
+        (cfg.width >= 1, "--width must be >= 1"),
         (cfg.val_size >= 0, "--val-size must be >= 0 (0: automatic)"),
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
@@ -355,7 +357,7 @@ def relu_convs(kind, widths: list[int]) -> list[nn.Module]:
     return [layer for c_in, c_out in zip(widths, widths[1:]) for layer in (kind(c_in, c_out, 4, 2, 1), nn.ReLU())]
 
 
-GRID = {"tutorial": (256, 4, 4), "burgess": (64, 4, 4)}  # the feature map at the bottleneck, (C, 4, 4)
+GRID_CHANNELS = {"tutorial": 256, "burgess": 64}  # of the 4x4 feature map at the bottleneck, at width 1
 BROADCAST_SIDE = 16  # the broadcast grid: 16x16 cells, then two upsamplings to 64 (64x64: ~30x the compute)
 
 
@@ -368,16 +370,17 @@ def coordinate_grid(side: int) -> torch.Tensor:
 class Encoder(nn.Module):
     """Image (B, C, 64, 64) -> posterior mean mu and log-variance logvar, each (B, latent_dim)."""
 
-    def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial"):
+    def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial", width: int = 1):
         super().__init__()
+        w = width
         if arch in ("burgess", "broadcast"):  # 64 -> 32 -> 16 -> 8 -> 4, then a hidden layer of 256
-            self.net = nn.Sequential(*relu_convs(nn.Conv2d, [channels, 32, 32, 64, 64]), nn.Flatten(),
-                                     nn.Linear(64 * 4 * 4, 256), nn.ReLU())  # (B, 256)
-            features = 256
+            self.net = nn.Sequential(*relu_convs(nn.Conv2d, [channels, 32 * w, 32 * w, 64 * w, 64 * w]), nn.Flatten(),
+                                     nn.Linear(64 * w * 4 * 4, 256 * w), nn.ReLU())  # (B, 256w)
+            features = 256 * w
         else:
-            self.net = nn.Sequential(conv_block(channels, 32), conv_block(32, 64), conv_block(64, 128),
-                                     conv_block(128, 256), nn.Flatten())  # (B, 256*4*4)
-            features = 256 * 4 * 4
+            self.net = nn.Sequential(conv_block(channels, 32 * w), conv_block(32 * w, 64 * w),
+                                     conv_block(64 * w, 128 * w), conv_block(128 * w, 256 * w), nn.Flatten())
+            features = 256 * w * 4 * 4
         self.fc_mu = nn.Linear(features, latent_dim)
         self.fc_logvar = nn.Linear(features, latent_dim)
 
@@ -389,23 +392,28 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent code (B, latent_dim) -> image (B, C, 64, 64) in [0, 1]; `logits` skips the sigmoid."""
 
-    def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial"):
+    def __init__(self, latent_dim: int, channels: int, arch: str = "tutorial", width: int = 1):
         super().__init__()
-        self.grid = GRID.get(arch)  # None for broadcast, whose decoder starts from a grid rather than a layer
+        w = width
+        # None for broadcast, whose decoder starts from a grid rather than a layer
+        self.grid = (GRID_CHANNELS[arch] * w, 4, 4) if arch in GRID_CHANNELS else None
         # burgess and tutorial mirror the encoder's four downsamplings: 4 -> 8 -> 16 -> 32 -> 64
         if arch == "broadcast":  # (latent_dim + 2, 16, 16) -> two 3x3 convs -> 16 -> 32 -> 64
             self.register_buffer("coords", coordinate_grid(BROADCAST_SIDE))
-            self.net = nn.Sequential(nn.Conv2d(latent_dim + 2, 64, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                                     *relu_convs(nn.ConvTranspose2d, [64, 32]), nn.ConvTranspose2d(32, channels, 4, 2, 1))
+            self.net = nn.Sequential(nn.Conv2d(latent_dim + 2, 64 * w, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(64 * w, 64 * w, 3, padding=1), nn.ReLU(),
+                                     *relu_convs(nn.ConvTranspose2d, [64 * w, 32 * w]),
+                                     nn.ConvTranspose2d(32 * w, channels, 4, 2, 1))
         elif arch == "burgess":
-            self.fc = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 64 * 4 * 4), nn.ReLU())
-            self.net = nn.Sequential(*relu_convs(nn.ConvTranspose2d, [64, 64, 32, 32]),
-                                     nn.ConvTranspose2d(32, channels, 4, 2, 1))
+            self.fc = nn.Sequential(nn.Linear(latent_dim, 256 * w), nn.ReLU(), nn.Linear(256 * w, 64 * w * 4 * 4),
+                                    nn.ReLU())
+            self.net = nn.Sequential(*relu_convs(nn.ConvTranspose2d, [64 * w, 64 * w, 32 * w, 32 * w]),
+                                     nn.ConvTranspose2d(32 * w, channels, 4, 2, 1))
         else:
-            self.fc = nn.Linear(latent_dim, 256 * 4 * 4)
-            self.net = nn.Sequential(deconv_block(256, 128), deconv_block(128, 64), deconv_block(64, 32),
-                                     deconv_block(32, 32), nn.Conv2d(32, channels, 3, padding=1))
+            self.fc = nn.Linear(latent_dim, 256 * w * 4 * 4)
+            self.net = nn.Sequential(deconv_block(256 * w, 128 * w), deconv_block(128 * w, 64 * w),
+                                     deconv_block(64 * w, 32 * w), deconv_block(32 * w, 32 * w),
+                                     nn.Conv2d(32 * w, channels, 3, padding=1))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         if self.grid is None:  # broadcast: every cell gets all of z and its own coordinates
@@ -418,10 +426,15 @@ class Decoder(nn.Module):
 
 
 class BetaVAE(nn.Module):
-    def __init__(self, latent_dim: int = 128, channels: int = 1, arch: str = "tutorial"):
+    def __init__(self, latent_dim: int = 128, channels: int = 1, arch: str = "tutorial", width: int = 1):
         super().__init__()
-        self.encoder = Encoder(latent_dim, channels, arch)
-        self.decoder = Decoder(latent_dim, channels, arch)
+        self.encoder = Encoder(latent_dim, channels, arch, width)
+        self.decoder = Decoder(latent_dim, channels, arch, width)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "BetaVAE":
+        """The network a Config describes."""
+        return cls(cfg.latent_dim, cfg.channels, cfg.arch, cfg.width)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mu and logvar of q(z|x); mu is the code of an image at evaluation time."""
@@ -709,7 +722,7 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
         make_output_folder(out)
         if ranks.world > 1:
             torch.distributed.barrier()
-    model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch).to(device, memory_format=memory_format(device))
+    model = BetaVAE.of(cfg).to(device, memory_format=memory_format(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=LR_PATIENCE)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
@@ -873,7 +886,7 @@ def config_from_dict(stored: dict, path) -> Config:
 def model_from_state(state: dict, path, device="cpu") -> tuple[BetaVAE, Config]:
     """Rebuild the model of a read checkpoint from its stored config: (model in eval mode, Config)."""
     cfg = config_from_dict(state["config"], path)
-    model = BetaVAE(cfg.latent_dim, cfg.channels, cfg.arch)
+    model = BetaVAE.of(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -208,7 +208,7 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
     facts = {"data": f"{data}: {len(train_set):,} training and {len(val_set):,} validation images, "
                      f"{cfg.channels}x64x64",
              "command": f"`{train_command(cfg)}` (seed {cfg.seed})",
-             "model": f"{cfg.arch} network, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
+             "model": f"{cfg.arch} network{f' at {cfg.width}x the width' if cfg.width > 1 else ''}, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
                       f"on the {objective}",
              "training": f"{len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch "
                          f"{cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation "

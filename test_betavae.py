@@ -21,6 +21,7 @@ import pytest
 # OpenMP busy-waiting makes 2-thread torch several times slower on a shared machine; set before torch loads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 from torch.distributions import Normal, kl_divergence  # noqa: E402
 
 import betavae as bv  # noqa: E402
@@ -330,6 +331,19 @@ def test_model_shapes_and_range(channels, arch):
     z = torch.randn(3, 6)
     torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decoder.logits(z)))
     assert logits.shape == (2, channels, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["tutorial", "burgess", "broadcast"])
+def test_width_multiplies_every_hidden_layer(arch):
+    one, two = (bv.BetaVAE(latent_dim=6, arch=arch, width=w) for w in (1, 2))
+    kept = {1, 6, 6 + 2}  # the image's channels, the latent dims, and the broadcast grid's (z and 2 coordinates)
+    layers = [(a.weight.shape, b.weight.shape) for a, b in zip(one.modules(), two.modules())
+              if isinstance(a, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    assert len(layers) >= 8
+    for narrow, wide in layers:
+        assert wide == (*(n if n in kept else 2 * n for n in narrow[:2]), *narrow[2:])
+    assert two.decode(torch.randn(3, 6)).shape == (3, 1, 64, 64)
+    assert bv.BetaVAE.of(bv.Config(latent_dim=6, arch=arch, width=2)).state_dict().keys() == two.state_dict().keys()
 
 
 def test_broadcast_decoder_gives_every_cell_all_of_z_and_its_own_coordinates(tmp_path):
@@ -681,6 +695,7 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
 @pytest.mark.parametrize("flags, message", [
     (["--beta", "-1"], "--beta must be >= 0"),
     (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+    (["--width", "0"], "--width must be >= 1"),
     (["--val-size", "-1"], "--val-size must be >= 0"),
     (["--beta", "nan"], "must be a finite number"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
