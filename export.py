@@ -205,10 +205,11 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
     per_factor = ", ".join(f"{k} {v:.3f}" for k, v in scores.get("mig_per_factor", {}).items())
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
     objective = "total correlation" if cfg.objective == "tc" else "KL"
+    network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")
     facts = {"data": f"{data}: {len(train_set):,} training and {len(val_set):,} validation images, "
                      f"{cfg.channels}x64x64",
              "command": f"`{train_command(cfg)}` (seed {cfg.seed})",
-             "model": f"{cfg.arch} network{f' at {cfg.width}x the width' if cfg.width > 1 else ''}, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
+             "model": f"{network}, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
                       f"on the {objective}",
              "training": f"{len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch "
                          f"{cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation "

@@ -153,7 +153,7 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
                      "minutes": row["elapsed_s"] / 60, "mig": scores["mig"],
                      "threads": "" if args.collect else threads,  # a collected run's are not on record
                      "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
-                     "shape_accuracy": scores.get("shape_accuracy", ""),  # absent before the measure existed
+                     "shape_accuracy": scores.get("shape_accuracy", float("nan")),  # not measured before
                      "mig_per_factor": " ".join(f"{k}={v:.3f}" for k, v in scores["mig_per_factor"].items()),
                      "val_kl": row["val_kl"], "active_dims": int(row["active_dims"])})
     return rows

@@ -1829,6 +1829,9 @@ def test_every_study_variant_is_a_valid_train_command():
     # the base is the tutorial's settings, whatever the sprites' defaults
     assert all(getattr(parse_train(*shlex.split(study.STUDY_BASE)), name) == getattr(bv.Config(), name)
                for name in bv.SPRITES if name != "epochs")
+    # and DEFAULT, typed out, is the sprites' defaults: the shape study's variants change the default run
+    default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.DEFAULT))
+    assert all(getattr(default, name) == value for name, value in bv.SPRITES.items() if name != "epochs")
 
 
 def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path, capsys):
