@@ -639,7 +639,7 @@ def default_model(args) -> None:
     found = sorted(Path("runs").glob("*/decoder.onnx"), key=lambda p: p.stat().st_mtime)
     if not found and not (SHIPPED / "decoder.onnx").is_file():
         raise UserError("no decoder.onnx in runs/*/: export one with export.py, or pass --model")
-    path, which = (found[-1], "the newest run") if found else (SHIPPED / "decoder.onnx", "the shipped model (none in runs/)")
+    path, which = (found[-1], "the newest export in runs/") if found else (SHIPPED / "decoder.onnx", "the shipped model (none in runs/)")
     args.model, encoder = str(path), path.with_name("encoder.onnx")
     takes_encoder = "encoder" in vars(args) and args.encoder is None and encoder.is_file()
     if takes_encoder:

@@ -945,7 +945,7 @@ def test_infer_onnx_uses_the_newest_run_else_the_shipped_model(exported, tmp_pat
     os.symlink(out, tmp_path / "runs" / "tiny")
     result = cli_in_process(capsys, "traverse", "--dims", "2", "--steps", "3", main=onnx_tool.main)
     assert result.returncode == 0, result.stderr
-    assert f"using {Path('runs/tiny/decoder.onnx')}, the newest run (and its encoder)" in result.stdout
+    assert f"using {Path('runs/tiny/decoder.onnx')}, the newest export in runs/ (and its encoder)" in result.stdout
     os.unlink(tmp_path / "runs" / "tiny")
     monkeypatch.setattr(onnx_tool, "SHIPPED", tmp_path / "nothing")
     assert_one_line_error(cli_in_process(capsys, "sample", main=onnx_tool.main), "no decoder.onnx in runs/*/")
