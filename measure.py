@@ -101,9 +101,11 @@ def evaluate(args) -> None:
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key:>28}  {value:.4f}")
-    if "mig_per_factor" in results:  # which factors the code has separated, and which it mixes
-        results["mig_per_factor"] = dict(zip(dataset.factor_names, results["mig_per_factor"]))
-        print(f"{'MIG per factor':>28}  " + ", ".join(f"{k} {v:.3f}" for k, v in results["mig_per_factor"].items()))
+    # which factors the code has separated, and which it holds at all (a factor held nowhere: near chance)
+    for key, label in (("mig_per_factor", "MIG per factor"), ("dci_informativeness_per_factor", "held per factor")):
+        if key in results:
+            results[key] = dict(zip(dataset.factor_names, results[key]))
+            print(f"{label:>28}  " + ", ".join(f"{k} {v:.3f}" for k, v in results[key].items()))
     out = output_path(args, path.parent, "metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote metrics: {out}")

@@ -1375,9 +1375,10 @@ def test_metrics_rank_perfect_rotated_and_noise_codes():
     perfect = factors + rng.normal(0, 0.01, factors.shape)
     rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
     noise = rng.normal(size=factors.shape)
-    scores = {}
+    scores, held = {}, {}
     for name, codes in [("perfect", perfect), ("rotated", perfect @ rotation), ("noise", noise)]:
         d = metrics.dci(codes, factors)
+        held[name] = d["informativeness_per_factor"]
         scores[name] = [metrics.mig(codes, factors), d["disentanglement"], d["completeness"],
                         metrics.modularity(codes, factors), d["informativeness"]]
     assert scores["perfect"][1:3] == pytest.approx([1, 1], abs=0.02)
@@ -1387,6 +1388,9 @@ def test_metrics_rank_perfect_rotated_and_noise_codes():
     # informativeness measures information, not its layout: a rotation keeps it, noise has none
     assert scores["rotated"][4] > 0.8 and scores["noise"][4] < 0.5
     assert scores["noise"][0] < 0.05 and max(scores["noise"][1:3]) < 0.1
+    # per factor: the perfect code holds every factor, noise none above its chance (1/3, 1/4, 1/5) by much
+    assert min(held["perfect"]) > 0.95 and np.mean(held["perfect"]) == pytest.approx(scores["perfect"][4])
+    assert all(accuracy < 1 / size + 0.15 for accuracy, size in zip(held["noise"], sizes))
 
 
 def test_modularity_counts_a_code_informing_two_factors_as_zero():
@@ -1501,7 +1505,7 @@ def test_a_metric_scores_the_same_alone_or_among_the_others():
     sizes = (3, 6, 10, 8, 8)
     rep = lambda f: f + np.sin(7.0 * np.arange(f.size).reshape(f.shape))  # deterministic "noise"
     every = metrics.disentanglement_metrics(rep, sizes, n=300, seed=3, points=(30, 15))
-    assert set(every) == set(metrics.METRIC_NAMES) | {"mig_per_factor"}
+    assert set(every) == set(metrics.METRIC_NAMES) | {"mig_per_factor", "dci_informativeness_per_factor"}
     assert len(every["mig_per_factor"]) == len(sizes) and np.mean(every["mig_per_factor"]) == pytest.approx(every["mig"])
     for group, keys in [("mig", ["mig", "mig_per_factor"]), ("factor_vae", ["factor_vae_score"]),
                         ("beta_vae", ["beta_vae_score"])]:
