@@ -74,20 +74,20 @@ STUDY_VARIANTS.update({
     # Higgins et al.'s objective at the shapes default's settings: the two objectives side by side
     "recipe-kl-beta4-batch256-broadcast": f"{RECIPE} --beta 4 --batch-size 256 --arch broadcast",
 })
-# the shapes default (betavae.SPRITES), typed out, and the shape study's changes to it, one at a time
-DEFAULT = f"{RECIPE} --objective tc --beta 4 --batch-size 256 --arch broadcast"
+# the shapes default (betavae.SPRITES), typed out: the recipe's batch 64, β 4 on the TC, the broadcast decoder
+DEFAULT = f"{RECIPE} --objective tc --beta 4 --arch broadcast"
+# the default before the shape study (batch 256), from which its first changes were made, one at a time
+B256 = f"{DEFAULT} --batch-size 256"
 STUDY_VARIANTS.update({
+    "default": DEFAULT,
     # at each precision: does bfloat16 cost anything at equal images?
     **{f"default-{p}": f"{DEFAULT} --precision {p}" for p in ("fp32", "bf16")},
     # a weaker pull on the code: β on the TC, or the plain ELBO (β 1 on the whole KL), or below it
     **{f"default-tc-beta{beta}": f"{DEFAULT} --beta {beta}" for beta in (2, 6)},
-    **{f"default-kl-beta{beta}": f"{DEFAULT} --objective kl --beta {beta}" for beta in (1, 0.25)},
-    "default-lr1e-3": f"{DEFAULT} --lr 1e-3",
-    "default-batch64": f"{DEFAULT} --batch-size 64",
+    **{f"b256-kl-beta{beta}": f"{B256} --objective kl --beta {beta}" for beta in (1, 0.25)},
+    "b256-lr1e-3": f"{B256} --lr 1e-3",
     "default-latent16": f"{DEFAULT} --latent-dim 16",
     "default-width2": f"{DEFAULT} --width 2",  # about 4x the compute a step
-    # at batch 64 the code leaves the prior within 40,000 images: a wider network's outline, sooner
-    "default-batch64-width2": f"{DEFAULT} --batch-size 64 --width 2",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]

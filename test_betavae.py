@@ -1805,7 +1805,7 @@ def parse_train(*flags):
 
 
 def test_a_larger_batch_keeps_the_default_lr():
-    assert parse_train().lr == parse_train("--batch-size", "512").lr == 5e-4  # shapes: 5e-4 at batch 256
+    assert parse_train().lr == parse_train("--batch-size", "512").lr == 5e-4  # shapes: 5e-4 at batch 64
     assert parse_train("--dataset", "mnist", "--batch-size", "128").lr == 1e-4  # the tutorial's, at 32
     assert parse_train("--batch-size", "256", "--lr", "3e-4").lr == 3e-4  # a typed lr wins
 
@@ -1833,7 +1833,7 @@ def test_every_study_variant_is_a_valid_train_command():
     # the base is the tutorial's settings, whatever the sprites' defaults
     assert all(getattr(parse_train(*shlex.split(study.STUDY_BASE)), name) == getattr(bv.Config(), name)
                for name in bv.SPRITES if name != "epochs")
-    # and DEFAULT, typed out, is the sprites' defaults: the shape study's variants change the default run
+    # and DEFAULT, typed out, is the sprites' defaults: the default-* variants change the default run
     default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.DEFAULT))
     assert all(getattr(default, name) == value for name, value in bv.SPRITES.items() if name != "epochs")
 
