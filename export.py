@@ -202,11 +202,8 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
     show = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)
     rows = [f"| {name} | {show(scores[name])} |" for name in ("val_recon", "val_kl", "active_dims", *metrics.SCORE_NAMES)
             if name in scores]
-    per_factor = [f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[key].items()) + "\n"
-                  for key, label in (("mig_per_factor", "MIG per factor"),
-                                     ("dci_informativeness_per_factor", "Held per factor (DCI informativeness: a "
-                                      "classifier's test accuracy from the code; chance is 1 over the factor's "
-                                      "classes)")) if key in scores]
+    per_factor = [f"{label[0].upper()}{label[1:]}: {metrics.per_factor_text(scores[key])}\n"
+                  for key, label in metrics.PER_FACTOR_SCORES.items() if key in scores]
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
     objective = "total correlation" if cfg.objective == "tc" else "KL"
     network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")

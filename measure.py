@@ -101,11 +101,10 @@ def evaluate(args) -> None:
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key:>28}  {value:.4f}")
-    # which factors the code has separated, and which it holds at all (a factor held nowhere: near chance)
-    for key, label in (("mig_per_factor", "MIG per factor"), ("dci_informativeness_per_factor", "held per factor")):
+    for key, label in metrics.PER_FACTOR_SCORES.items():  # which factors are separated, which held at all
         if key in results:
             results[key] = dict(zip(dataset.factor_names, results[key]))
-            print(f"{label:>28}  " + ", ".join(f"{k} {v:.3f}" for k, v in results[key].items()))
+            print(f"{label:>28}  {metrics.per_factor_text(results[key])}")
     out = output_path(args, path.parent, "metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote metrics: {out}")

@@ -367,6 +367,14 @@ def disentanglement_metrics(representation, space, n: int, seed: int, points: tu
 METRIC_NAMES = ["mig", "sap", "modularity", "dci_disentanglement", "dci_completeness", "dci_informativeness",
                 "beta_vae_score", "factor_vae_score"]  # the numbers disentanglement_metrics returns
 SCORE_NAMES = [*METRIC_NAMES, "shape_accuracy"]  # and the reconstructions' shape accuracy: what evaluate records
+# the per-factor scores, by name once evaluate has named the factors: separated (MIG), and held at all (DCI's
+# classifier accuracy: near 1 over a factor's classes, the code holds nothing of it)
+PER_FACTOR_SCORES = {"mig_per_factor": "MIG per factor", "dci_informativeness_per_factor": "held per factor"}
+
+
+def per_factor_text(scores: dict) -> str:
+    """{"shape": 0.21, ...} -> "shape 0.210, ..."."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
 
 def metric_groups(text: str) -> tuple[str, ...]:

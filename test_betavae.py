@@ -1458,6 +1458,9 @@ def test_evaluate_scores_a_labelled_dsprites_subset(tmp_path, capsys):
     assert "note: factors drawn from the 90 images the file holds (of 192" in result.stdout
     scores = json.loads((tmp_path / "m.json").read_text())
     assert scores["factors_drawn_from"].startswith("the 90 images") and 0 <= scores["mig"] <= 1
+    held = scores["dci_informativeness_per_factor"]  # per factor, by name, printed as evaluate shows it
+    assert list(held) == list(scores["mig_per_factor"]) and "held per factor" in result.stdout
+    assert np.mean(list(held.values())) == pytest.approx(scores["dci_informativeness"])
     assert_one_line_error(cli_in_process(capsys, "evaluate", "--checkpoint", tmp_path / "run/best.pt", "--metrics", "factor_vae",
                                   "--n", "200", "--points", "10", "5"), "too few for the beta-VAE and FactorVAE")
 
