@@ -3,6 +3,7 @@
     python study.py --variants recipe-tc-beta4-batch256-broadcast --seeds 0 4 5 --epochs 38 --eval-epochs 2
     python study.py --variants tutorial,lr5e-4 --epochs 10 --common "--epoch-size 10000"
     python study.py --collect                 # tabulate the stages already scored, as after a stopped study
+    python study.py --halves 150000           # the default's decoder, then encoder, alone on the true factors
 
 Every variant is a list of `betavae.py train` flags on top of the tutorial's settings. A run trains in
 stages through the CLI (resume is exact, so the stages add up to one run) and `betavae.py evaluate` scores
@@ -13,16 +14,22 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 import betavae as bv
+import measure
+import metrics
 from infer_onnx import Parser, UserError, report_errors
 
 # the tutorial's settings, typed out: the sprites' own defaults differ (DATASET_DEFAULTS)
@@ -88,6 +95,9 @@ STUDY_VARIANTS.update({
     "b256-lr1e-3": f"{B256} --lr 1e-3",
     "default-latent16": f"{DEFAULT} --latent-dim 16",
     "default-width2": f"{DEFAULT} --width 2",  # about 4x the compute a step
+    # the whole KL term rising from 0 over 10 or 20 epochs: first an almost plain autoencoder, which finds the
+    # outlines that the code under the full pull never takes in (docs/study.md)
+    **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
@@ -241,6 +251,105 @@ def study(args) -> None:
     print(f"wrote {out / 'study.csv'}, {out / 'study.png'}, {out / 'summary.json'}")
 
 
+# ====================================================================================================
+# The halves alone (--halves): each half of the default network trained on the true factors in place of the
+# other half. How many images does the decoder need to draw the outlines from a perfect code, and the encoder
+# to read the shape and orientation from an image? What a whole model needs beyond that is finding a code.
+
+SYMMETRY = torch.tensor([4.0, 2.0, 1.0])  # a square, an ellipse, a heart look alike after 1/4, 1/2, 1 turn
+
+
+def true_code(factors: torch.Tensor) -> torch.Tensor:
+    """(B, 5) factor classes -> (B, 8), a code a perfect encoder could give: the shape one-hot, then the scale,
+    the cos and sin of the angle as the image shows it (times the shape's symmetry), x and y, each of the last
+    three standardised over its classes (mean 0, standard deviation 1)."""
+    angle = 2 * math.pi * factors[:, 2] / bv.FACTOR_SIZES[2] * SYMMETRY[factors[:, 0]]
+    sizes = torch.tensor(bv.FACTOR_SIZES)[[1, 3, 4]]
+    standard = (factors[:, [1, 3, 4]] - (sizes - 1) / 2) / ((sizes**2 - 1) / 12).sqrt()
+    return torch.cat([F.one_hot(factors[:, 0], bv.FACTOR_SIZES[0]), standard[:, :1], torch.cos(angle)[:, None],
+                      torch.sin(angle)[:, None], standard[:, 1:]], dim=1).float()
+
+
+def half_loss(net, half: str, factors: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The decoder's Bernoulli loss on the true code; the encoder's cross-entropy on the shape (mu's first
+    three) plus squared error on the rest of the true code."""
+    if half == "decoder":
+        return bv.recon_loss(net.logits(true_code(factors)), images, "bce")
+    mu = net(images)[0]
+    return F.cross_entropy(mu[:, :3], factors[:, 0]) + (mu[:, 3:] - true_code(factors)[:, 3:]).pow(2).sum(1).mean()
+
+
+@torch.no_grad()
+def half_scores(net, half: str, factors: torch.Tensor, images: torch.Tensor, candidates) -> dict:
+    """The decoder's recon (nats) and shape accuracy (measure.shape_accuracy's, on its drawings); the encoder's
+    shape accuracy (its class) and median angle error in degrees of the shape's own turn."""
+    if half == "decoder":
+        logits = net.logits(true_code(factors))
+        hits = metrics.shape_hits(torch.sigmoid(logits)[:, 0].numpy(), *candidates, factors[:, 0].numpy())
+        return {"recon": bv.recon_loss(logits, images, "bce").item(), "shape accuracy": hits.mean()}
+    mu, code, turn = net(images)[0], true_code(factors), 2 * math.pi / SYMMETRY[factors[:, 0]]
+    error = torch.atan2(mu[:, 5], mu[:, 4]) - torch.atan2(code[:, 5], code[:, 4])  # in the symmetric angle
+    degrees = (error / SYMMETRY[factors[:, 0]] + turn / 2) % turn - turn / 2  # wrapped to a shape's own turn
+    return {"shape accuracy": (mu[:, :3].argmax(1) == factors[:, 0]).float().mean().item(),
+            "angle error (deg)": degrees.abs().median().item() * 180 / math.pi}
+
+
+def held_factors() -> torch.Tensor:
+    """The 1,000 fixed grid points (factor classes) the halves are scored on."""
+    shapes = bv.Shapes()
+    return shapes.factors(torch.randint(len(shapes), (1000,), generator=torch.Generator().manual_seed(1234)))
+
+
+def blur_floor(factors: torch.Tensor, images: torch.Tensor, unknown: list[int]) -> float:
+    """The Bernoulli loss (nats an image) of drawing each image as its mean over every class of the `unknown`
+    factors: the least a decoder that knows all but those can reach (its best guess is that mean)."""
+    classes = torch.cartesian_prod(*[torch.arange(bv.FACTOR_SIZES[k]) for k in unknown]).view(-1, len(unknown))
+    drawn = torch.zeros_like(images)  # how many of the variants cover each pixel: a count, exact in float32
+    for values in classes:
+        varied = factors.clone()
+        varied[:, unknown] = values
+        drawn += bv.render_shapes(varied)
+    # the image itself is one of the variants, so no pixel it covers has mean 0: no log(0) is taken
+    return F.binary_cross_entropy(drawn / len(classes), images, reduction="sum").item() / len(images)
+
+
+def train_half(half: str, images: int, seed: int, every: int = 25_600) -> list[dict]:
+    """Train the default network's decoder or encoder alone (8-d, its lr and batch) for `images` images on
+    the true factors, scoring held_factors() every `every` images; prints and returns the rows."""
+    torch.manual_seed(seed)
+    net = bv.Decoder(8, 1, bv.SPRITES["arch"]) if half == "decoder" else bv.Encoder(8, 1, bv.SPRITES["arch"])
+    optimizer, batch = torch.optim.Adam(net.parameters(), lr=bv.SPRITES["lr"]), bv.SPRITES["batch_size"]
+    shapes, draws, held = bv.Shapes(), torch.Generator().manual_seed(seed), held_factors()
+    held_images, candidates = bv.render_shapes(held), measure.shape_candidates(held)
+    rows, start = [], time.perf_counter()
+    for step in range(1, images // batch + 1):
+        factors = shapes.factors(torch.randint(len(shapes), (batch,), generator=draws))
+        loss = half_loss(net, half, factors, bv.render_shapes(factors))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step * batch % every < batch or step == images // batch:
+            rows.append({"images": step * batch, "seconds": time.perf_counter() - start,
+                         **half_scores(net, half, held, held_images, candidates)})
+            print(f"{half} alone | {rows[-1]['images']:>9,} images {rows[-1]['seconds']:>6.0f} s | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k not in ("images", "seconds")),
+                  flush=True)
+    return rows
+
+
+def halves(args) -> None:
+    """--halves: what a decoder that misses the orientation, or the shape too, reaches at best; then the
+    decoder alone and the encoder alone, each on the true factors."""
+    if args.halves < bv.SPRITES["batch_size"]:
+        raise UserError(f"--halves must be at least one batch ({bv.SPRITES['batch_size']} images)")
+    held = held_factors()
+    for unknown, what in [([2], "the orientation"), ([0, 2], "the shape and the orientation")]:
+        floor = blur_floor(held, bv.render_shapes(held), unknown)
+        print(f"a decoder that knows all but {what} reaches at best recon {floor:.1f} (nats an image)")
+    for half in ("decoder", "encoder"):
+        train_half(half, args.halves, args.seeds[0])
+
+
 def main(argv=None) -> None:
     p = Parser(prog="study.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--variants", type=lambda text: text.split(","), default=list(STUDY_VARIANTS), metavar="LIST",
@@ -258,7 +367,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/study", help="study folder (default: runs/study)")
     p.add_argument("--collect", action="store_true",
                    help="train and score nothing: tabulate the stages already scored, as after a stopped study")
-    report_errors(study, p.parse_args(argv))
+    p.add_argument("--halves", type=int, metavar="IMAGES",
+                   help="instead: train the default's decoder, then its encoder, alone on the true factors for "
+                        "IMAGES images each (first seed), printing how fast each learns the outlines")
+    args = p.parse_args(argv)
+    report_errors(halves if args.halves is not None else study, args)
 
 
 if __name__ == "__main__":

@@ -1881,6 +1881,59 @@ def test_study_refuses_unknown_variants_and_an_empty_collection(tmp_path, capsys
     assert list((tmp_path / "none").iterdir()) == []
 
 
+
+def test_true_code_is_what_an_image_shows_of_the_factors():
+    every = bv.Shapes().factors(torch.arange(len(bv.Shapes())))
+    code = study.true_code(every)
+    assert torch.equal(code[:, :3].argmax(1), every[:, 0]) and torch.all(code[:, :3].sum(1) == 1)
+    standard = code[:, [3, 6, 7]]  # scale, x, y over the whole grid
+    assert torch.allclose(standard.mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(standard.std(0, unbiased=False), torch.ones(3), atol=1e-5)
+    # a square a quarter turn on, an ellipse a half turn on: the same image and the same code; a heart a half
+    # turn on is another image, at the opposite angle
+    turned = torch.tensor([[0, 2, 3, 5, 7], [0, 2, 13, 5, 7], [1, 2, 3, 5, 7], [1, 2, 23, 5, 7],
+                           [2, 2, 3, 5, 7], [2, 2, 23, 5, 7]])
+    images, codes = bv.render_shapes(turned), study.true_code(turned)
+    for a, b in [(0, 1), (2, 3)]:
+        assert torch.allclose(codes[a], codes[b], atol=1e-5)
+        assert (images[a] != images[b]).sum() <= 2  # up to rounding at the edge
+    assert torch.allclose(codes[5, 4:6], -codes[4, 4:6], atol=1e-5) and (images[4] != images[5]).sum() > 20
+
+
+def test_half_scores_of_perfect_halves_and_training_the_halves(capsys):
+    factors = bv.Shapes().factors(torch.arange(0, 737280, 7919))  # 94 points spread over the grid
+    images, candidates = bv.render_shapes(factors), measure.shape_candidates(factors)
+    perfect_encoder = lambda x: (study.true_code(factors), None)  # noqa: E731 (reads the factors, not x)
+    perfect_decoder = SimpleNamespace(logits=lambda code: (2 * images - 1) * 30)  # draws every image exactly
+    encoded = study.half_scores(perfect_encoder, "encoder", factors, images, candidates)
+    assert encoded == {"shape accuracy": 1.0, "angle error (deg)": pytest.approx(0, abs=1e-3)}
+    decoded = study.half_scores(perfect_decoder, "decoder", factors, images, candidates)
+    assert decoded["shape accuracy"] == 1 and decoded["recon"] < 1e-6 * 4096
+    # an encoder with the angle a quarter of the shape's own turn off is 90 / 45 / 22.5 degrees off
+    off = study.true_code(factors)
+    off[:, 4:6] = torch.stack([-off[:, 5], off[:, 4]], 1)  # the symmetric angle plus 90 degrees
+    error = study.half_scores(lambda x: (off, None), "encoder", factors, images, candidates)["angle error (deg)"]
+    assert error == pytest.approx(float(np.median(90 / study.SYMMETRY[factors[:, 0]].numpy())), abs=1e-3)
+    # the best a decoder can do without the orientation: each pixel's loss is -log of the share of the 40
+    # turned drawings that agree with the image there
+    one = factors[:2]
+    turned = bv.render_shapes(one.repeat_interleave(40, 0).index_put_((torch.arange(80), torch.tensor(2)),
+                                                                       torch.arange(40).repeat(2)))
+    agree = (turned.view(2, 40, -1) == bv.render_shapes(one).view(2, 1, -1)).double().mean(1)
+    floor = study.blur_floor(one, bv.render_shapes(one), [2])
+    assert floor == pytest.approx(-agree.log().sum().item() / 2, rel=1e-4) and floor > 5
+    assert study.blur_floor(one, bv.render_shapes(one), [0, 2]) > floor
+    # the command prints those floors, trains each half a few steps and prints its scores; too few images is
+    # one clear line
+    study.main(["--halves", "128", "--seeds", "0"])
+    out = capsys.readouterr().out
+    assert re.search(r"all but the orientation reaches at best recon \d+\.\d", out)
+    assert re.search(r"decoder alone \|\s+128 images .* recon [0-9.]+ \| shape accuracy 0\.\d+", out)
+    assert re.search(r"encoder alone \|\s+128 images .* shape accuracy 0\.\d+ \| angle error \(deg\) \d", out)
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--halves", "10"])
+    assert stop.value.code == 2 and "--halves must be at least one batch" in capsys.readouterr().err
+
 # ---------------------------------------------------------------------------------------------------
 # Several processes: torchrun with gloo on the CPU
 
