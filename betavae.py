@@ -86,6 +86,8 @@ class Config:
                             "correlation, the other parts of the KL at weight 1 (beta-TCVAE, Chen et al. 2018)",
                             choices=["kl", "tc"])
     beta: float = option(4.0, "weight of the KL term, or of its total correlation under --objective tc")
+    kl_delay: int = option(0, "epochs with no KL term before it enters (or --kl-warmup begins): an autoencoder "
+                           "first, which finds the shapes' outlines and angles (docs/study.md)")
     kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
     free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
     capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "
@@ -152,11 +154,13 @@ def check_config(cfg: Config) -> None:
         (cfg.val_size >= 0, "--val-size must be >= 0 (0: automatic)"),
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
+        (cfg.kl_delay >= 0, "--kl-delay must be >= 0"),
         (cfg.free_bits >= 0, "--free-bits must be >= 0"),
         (cfg.capacity is None or cfg.capacity >= 0, "--capacity must be >= 0"),
         (cfg.capacity_epochs >= 1, "--capacity-epochs must be >= 1"),
         (cfg.gamma > 0, "--gamma must be > 0"),
-        (cfg.capacity is None or cfg.kl_warmup == 0, "--capacity and --kl-warmup are alternatives; pick one"),
+        (cfg.capacity is None or cfg.kl_warmup == cfg.kl_delay == 0,
+         "--capacity and --kl-warmup or --kl-delay are alternatives; pick one"),
         (cfg.objective == "kl" or cfg.batch_size >= 2, "--objective tc estimates the total correlation from the "
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
@@ -174,15 +178,17 @@ def check_config(cfg: Config) -> None:
 
 
 def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
-    """(beta_eff, capacity C) of a 1-based epoch, constant within it: validation scores that epoch's objective."""
-    beta = cfg.beta * min(1.0, epoch / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
+    """(beta_eff, capacity C) of a 1-based epoch, constant within it: validation scores that epoch's objective.
+    beta_eff is 0 for the --kl-delay epochs, then rises over --kl-warmup's."""
+    after = epoch - cfg.kl_delay
+    beta = 0.0 if after <= 0 else cfg.beta * min(1.0, after / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
     capacity = None if cfg.capacity is None else cfg.capacity * min(1.0, epoch / cfg.capacity_epochs)
     return beta, capacity
 
 
 def schedule_done(cfg: Config, epoch: int) -> bool:
-    """True once warm-up and capacity have reached their final values (from then on, objectives compare)."""
-    return epoch >= (cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs)
+    """True once delay, warm-up and capacity have reached their final values (from then on, objectives compare)."""
+    return epoch >= (cfg.kl_delay + cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs)
 
 
 # ====================================================================================================
@@ -537,9 +543,10 @@ def describe_loss(cfg: Config) -> str:
     tc = cfg.objective == "tc"
     terms = f"{kl} + (beta-1)*TC" if tc else kl
     parts = "MI + beta*TC + dimension-wise KL" if tc and kl == "KL" else ""  # the true KL's parts, unclamped
-    if cfg.kl_warmup:
+    if cfg.kl_warmup or cfg.kl_delay:
         terms, parts = f"w*({terms})", parts and f"w*({parts})"
-        ramp += f", w rising from 0 to 1 over {cfg.kl_warmup} epochs"
+        delay = f"w 0 for {cfg.kl_delay} epochs, then " if cfg.kl_delay else "w "
+        ramp += f", {delay}rising from 0 to 1 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else f", {delay}1"
     objective = f"recon + {terms}" + (parts and f" = recon + {parts}") + ramp
     if tc:
         objective += (f", beta {cfg.beta:g} on the total correlation only (Chen et al. 2018); TC estimated on each "
@@ -589,7 +596,8 @@ def fit(t: Training) -> None:
             beta, capacity = schedule(cfg, epoch)
             images, seconds = run_epoch(t, trained, epoch, loss_settings(cfg, beta, capacity), stop)
             val = validate(t.model, t.val_loader, cfg, beta, capacity, device)
-            t.scheduler.step(val["total"])
+            if schedule_done(cfg, epoch):  # a rising KL weight is no plateau: halve the lr on final objectives only
+                t.scheduler.step(val["total"])
             record_epoch(t, epoch_row(t, epoch, beta, capacity, val, images, seconds))
             if agree_on(stop.requested, device=device)[0]:
                 raise UserError(f"interrupted after epoch {epoch}: saved {t.out / 'last.pt'}; continue with --resume",

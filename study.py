@@ -98,6 +98,8 @@ STUDY_VARIANTS.update({
     # the whole KL term rising from 0 over 10 or 20 epochs: first an almost plain autoencoder, which finds the
     # outlines that the code under the full pull never takes in (docs/study.md)
     **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
+    # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md)
+    "default-delay12": f"{DEFAULT} --kl-delay 12",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]

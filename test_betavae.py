@@ -163,6 +163,22 @@ def test_warmup_and_capacity_schedules():
     cap = bv.Config(capacity=20.0, capacity_epochs=4)
     assert [bv.schedule(cap, e)[1] for e in (1, 2, 4, 9)] == [5.0, 10.0, 20.0, 20.0]
     assert bv.schedule(bv.Config(beta=3.0), 1) == (3.0, None)
+    # --kl-delay: beta 0 for its epochs (an autoencoder), then the warm-up's rise, or the full beta at once
+    delayed = bv.Config(beta=4.0, kl_delay=2, kl_warmup=2)
+    assert [bv.schedule(delayed, e)[0] for e in range(1, 6)] == [0.0, 0.0, 2.0, 4.0, 4.0]
+    assert [bv.schedule_done(delayed, e) for e in (3, 4)] == [False, True]
+    assert [bv.schedule(bv.Config(beta=4.0, kl_delay=1), e)[0] for e in (1, 2)] == [0.0, 4.0]
+
+
+def test_kl_delay_trains_an_autoencoder_first_and_halves_the_lr_on_final_objectives_only(tmp_path, capsys):
+    assert train_in_process(tmp_path / "run", "--kl-delay", "1", "--kl-warmup", "1", "--epochs", "3") == 0
+    assert "w 0 for 1 epochs, then rising from 0 to 1 over 1 epochs" in capsys.readouterr().out
+    rows = [tuple(map(float, r)) for r in read_rows(tmp_path / "run/history.csv", "beta_eff", "train_recon",
+                                                    "train_total")]
+    assert [r[0] for r in rows] == [0.0, 4.0, 4.0] and rows[0][1] == pytest.approx(rows[0][2])  # total = recon
+    assert rows[1][2] > rows[1][1]  # then the KL term counts
+    # ReduceLROnPlateau saw the final objective only: epochs 2 and 3 (a rising weight is no plateau)
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["scheduler"]["last_epoch"] == 2
 
 
 def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
@@ -265,6 +281,10 @@ def test_tc_objective_weights_only_the_total_correlation():
     assert bv.loss_settings(cfg, bv.schedule(cfg, 1)[0], None)["warm"] == pytest.approx(1 / 3)  # ... w ramps
     assert bv.loss_settings(bv.Config(beta=4.0, kl_warmup=3), 4 / 3, None)["beta"] == 4 / 3  # kl: beta_eff
     assert "w*(KL + (beta-1)*TC)" in bv.describe_loss(cfg) and "over 3 epochs" in bv.describe_loss(cfg)
+    # a delay weighs the whole KL term 0: the objective is the reconstruction alone
+    delayed = bv.Config(objective="tc", beta=4.0, kl_delay=2)
+    assert bv.loss_settings(delayed, bv.schedule(delayed, 2)[0], None)["warm"] == 0
+    assert "w 0 for 2 epochs, then 1" in bv.describe_loss(delayed)
     # with a capacity the whole KL is held at C and the TC weighs beta - 1 more: recon + 100 |KL - C| + 3 TC
     held = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc", capacity=0.5, gamma=100.0)
     assert held["total"].item() == pytest.approx(hand_recon("mse") + 100 * abs(kl - 0.5) + 3 * tc, rel=1e-5)
@@ -701,6 +721,8 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
+    (["--capacity", "20", "--kl-delay", "3"], "pick one"),
+    (["--kl-delay", "-1"], "--kl-delay must be >= 0"),
     (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--val-size", "737280"], "leaves no training data"),
