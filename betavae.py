@@ -87,7 +87,7 @@ class Config:
                             choices=["kl", "tc"])
     beta: float = option(4.0, "weight of the KL term, or of its total correlation under --objective tc")
     kl_delay: int = option(0, "epochs with no KL term before it enters (or --kl-warmup begins): an autoencoder "
-                           "first, which finds the shapes' outlines and angles (docs/study.md)")
+                           "first, which lets the shapes' angles into the code (docs/study.md)")
     kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
     free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
     capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "

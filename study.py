@@ -95,8 +95,7 @@ STUDY_VARIANTS.update({
     "b256-lr1e-3": f"{B256} --lr 1e-3",
     "default-latent16": f"{DEFAULT} --latent-dim 16",
     "default-width2": f"{DEFAULT} --width 2",  # about 4x the compute a step
-    # the whole KL term rising from 0 over 10 or 20 epochs: first an almost plain autoencoder, which finds the
-    # outlines that the code under the full pull never takes in (docs/study.md)
+    # the whole KL term rising from 0 over 10 or 20 epochs: even a small weight kept the angle out (docs/study.md)
     **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
     # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
