@@ -314,14 +314,14 @@ def blur_floor(factors: torch.Tensor, images: torch.Tensor, unknown: list[int]) 
     return F.binary_cross_entropy(drawn / len(classes), images, reduction="sum").item() / len(images)
 
 
-def train_half(half: str, images: int, seed: int, every: int = 25_600) -> list[dict]:
+def train_half(half: str, images: int, seed: int, held: torch.Tensor, held_images: torch.Tensor,
+               every: int = 25_600) -> list[dict]:
     """Train the default network's decoder or encoder alone (8-d, its lr and batch) for `images` images on
-    the true factors, scoring held_factors() every `every` images; prints and returns the rows."""
+    the true factors, scoring the held factors and their images every `every` images; prints, returns the rows."""
     torch.manual_seed(seed)
     net = bv.Decoder(8, 1, bv.SPRITES["arch"]) if half == "decoder" else bv.Encoder(8, 1, bv.SPRITES["arch"])
     optimizer, batch = torch.optim.Adam(net.parameters(), lr=bv.SPRITES["lr"]), bv.SPRITES["batch_size"]
-    shapes, draws, held = bv.Shapes(), torch.Generator().manual_seed(seed), held_factors()
-    held_images, candidates = bv.render_shapes(held), measure.shape_candidates(held)
+    shapes, draws, candidates = bv.Shapes(), torch.Generator().manual_seed(seed), measure.shape_candidates(held)
     rows, start = [], time.perf_counter()
     for step in range(1, images // batch + 1):
         factors = shapes.factors(torch.randint(len(shapes), (batch,), generator=draws))
@@ -344,11 +344,12 @@ def halves(args) -> None:
     if args.halves < bv.SPRITES["batch_size"]:
         raise UserError(f"--halves must be at least one batch ({bv.SPRITES['batch_size']} images)")
     held = held_factors()
+    held_images = bv.render_shapes(held)  # rendered once: the floors and both halves score these
     for unknown, what in [([2], "the orientation"), ([0, 2], "the shape and the orientation")]:
-        floor = blur_floor(held, bv.render_shapes(held), unknown)
+        floor = blur_floor(held, held_images, unknown)
         print(f"a decoder that knows all but {what} reaches at best recon {floor:.1f} (nats an image)")
     for half in ("decoder", "encoder"):
-        train_half(half, args.halves, args.seeds[0])
+        train_half(half, args.halves, args.seeds[0], held, held_images)
 
 
 def main(argv=None) -> None:
