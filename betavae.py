@@ -187,8 +187,9 @@ def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
 
 
 def schedule_done(cfg: Config, epoch: int) -> bool:
-    """True once delay, warm-up and capacity have reached their final values (from then on, objectives compare)."""
-    return epoch >= (cfg.kl_delay + cfg.kl_warmup if cfg.capacity is None else cfg.capacity_epochs)
+    """True once beta_eff and C have their final values (from then on, objectives compare): with --kl-delay D
+    and no warm-up that is epoch D + 1, the first with the KL term."""
+    return schedule(cfg, epoch) == schedule(cfg, math.inf)
 
 
 # ====================================================================================================
