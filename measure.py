@@ -39,22 +39,39 @@ def shape_candidates(factors: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return drawn.view(n, k, s, FIT_WINDOW, FIT_WINDOW).numpy(), corners.long().numpy()
 
 
+SHAPE_NAMES = ("square", "ellipse", "heart")  # the shape factor's classes, as draw_shapes draws them
+
+
+def spread(items: np.ndarray, n: int) -> np.ndarray:
+    """n of the items, evenly spaced across them: validation items are sorted by grid index, whose slowest factor
+    is the shape, so the first 2,000 of the shapes' 5,000 would be squares and ellipses, no heart."""
+    return items[np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)]
+
+
 @torch.no_grad()
-def shape_accuracy(model: BetaVAE, val_set: Dataset, device, n: int = 2000) -> Optional[float]:
-    """How often the reconstruction (decoded from mu) of one of the first n validation images fits its own shape
-    best among the three, each at its best size and shift (metrics.shape_hits; chance 1/3; n 2000: +-0.011);
+def shape_fits(model: BetaVAE, val_set: Dataset, device, n: int = 2000) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """For n validation images spread over the set, whether its reconstruction (decoded from mu) fits its own shape
+    best among the three, each at its best size and shift (metrics.shape_hits), and its shape: (hits, shapes);
     None for data not drawn by render_shapes."""
     shapes, grid = base_items(val_set)
     if not isinstance(shapes, Shapes):
         return None
     model.eval()
-    hits, device = [], torch.device(device)
-    for part in np.array_split(grid[:n], math.ceil(min(n, len(grid)) / 500)):  # ~100 MB of candidates at a time
+    hits, classes, device = [], [], torch.device(device)
+    picked = spread(grid, n)
+    for part in np.array_split(picked, math.ceil(len(picked) / 500)):  # ~100 MB of candidates at a time
         factors = shapes.factors(part)
         x = render_shapes(factors, device).contiguous(memory_format=memory_format(device))
         recon = model.decode(model.encode(x)[0])[:, 0].float().cpu().numpy()
-        hits.append(metrics.shape_hits(recon, *shape_candidates(factors), factors[:, 0].numpy()))
-    return float(np.concatenate(hits).mean())
+        classes.append(factors[:, 0].numpy())
+        hits.append(metrics.shape_hits(recon, *shape_candidates(factors), classes[-1]))
+    return np.concatenate(hits), np.concatenate(classes)
+
+
+def shape_accuracy(model: BetaVAE, val_set: Dataset, device, n: int = 2000) -> Optional[float]:
+    """The share of shape_fits' hits (chance 1/3; n 2000: +-0.011); None for data not drawn by render_shapes."""
+    fits = shape_fits(model, val_set, device, n)
+    return None if fits is None else float(fits[0].mean())
 
 
 def encoder_representation(model: BetaVAE, dataset, device, bf16: bool = False, progress=None):
@@ -82,8 +99,11 @@ def evaluate(args) -> None:
     results = {"checkpoint": str(path), "dataset": cfg.dataset, "seed": args.seed, "n": args.n,
                "points": list(args.points), "val_recon": val["recon"], "val_kl": val["kl"],
                "active_dims": active_dims(val["kl_per_dim"]), "kl_per_dim": val["kl_per_dim"]}
-    if (accuracy := shape_accuracy(model, val["val_set"], device)) is not None:
-        results["shape_accuracy"] = accuracy
+    if (fits := shape_fits(model, val["val_set"], device)) is not None:
+        hits, shapes = fits  # the accuracy of each shape tells which outline the code is missing
+        results["shape_accuracy"] = float(hits.mean())
+        results["shape_accuracy_per_shape"] = {name: float(hits[shapes == k].mean())
+                                               for k, name in enumerate(SHAPE_NAMES) if (shapes == k).any()}
     dataset = load_dataset(cfg)[0]
     if hasattr(dataset, "render"):
         sampler = metrics.FactorSampler.of_dataset(dataset)
@@ -105,6 +125,8 @@ def evaluate(args) -> None:
         if key in results:
             results[key] = dict(zip(dataset.factor_names, results[key]))
             print(f"{label:>28}  {metrics.per_factor_text(results[key])}")
+    if "shape_accuracy_per_shape" in results:
+        print(f"{'shape accuracy per shape':>28}  {metrics.per_factor_text(results['shape_accuracy_per_shape'])}")
     out = output_path(args, path.parent, "metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote metrics: {out}")

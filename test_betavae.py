@@ -1511,6 +1511,14 @@ def test_evaluate_cli_writes_metrics_and_repeats(tiny_run, tmp_path, capsys):
     assert list(a["mig_per_factor"]) == list(bv.FACTOR_NAMES)  # each shapes factor's gap, by name
     assert np.mean(list(a["mig_per_factor"].values())) == pytest.approx(a["mig"])
     assert "MIG per factor" in first.stdout and "pos_x" in first.stdout
+    # the accuracy of each shape present among the validation images: their mean, weighted by count, is the whole's
+    data, items = bv.base_items(bv.make_datasets(bv.load_checkpoint(out / "best.pt")[1])[1])
+    counts = np.bincount(data.factors(measure.spread(items, 2000))[:, 0].numpy(), minlength=3)
+    per_shape = a["shape_accuracy_per_shape"]
+    assert list(per_shape) == [name for name, c in zip(measure.SHAPE_NAMES, counts) if c]
+    assert sum(per_shape[name] * c for name, c in zip(measure.SHAPE_NAMES, counts) if c) / counts.sum() == \
+        pytest.approx(a["shape_accuracy"])
+    assert "shape accuracy per shape" in first.stdout
 
 
 def test_shape_accuracy_counts_outlines_not_area_or_centroid():
@@ -1529,6 +1537,10 @@ def test_shape_accuracy_counts_outlines_not_area_or_centroid():
     discs = np.stack([(ys - ys[m].mean()) ** 2 + (xs - xs[m].mean()) ** 2 <= m.sum() / np.pi
                       for m in images > 0.5]).astype(np.float32)
     assert 0.2 < metrics.shape_hits(discs, candidates, corners, shapes).mean() < 0.5
+    # the images scored: about a third of each shape among the shapes' 5,000 validation images (sorted by grid
+    # index, whose slowest factor is the shape: the first 2,000 held no heart)
+    data, items = bv.base_items(bv.make_datasets(parse_train())[1])
+    assert np.bincount(data.factors(measure.spread(items, 2000))[:, 0].numpy(), minlength=3).min() > 600
 
 
 def test_a_metric_scores_the_same_alone_or_among_the_others():
