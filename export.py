@@ -204,6 +204,8 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
             if name in scores]
     per_factor = [f"{label[0].upper()}{label[1:]}: {metrics.per_factor_text(scores[key])}\n"
                   for key, label in metrics.PER_FACTOR_SCORES.items() if key in scores]
+    if "shape_accuracy_per_shape" in scores:  # which outlines the reconstructions keep
+        per_factor.append(f"Shape accuracy per shape: {metrics.per_factor_text(scores['shape_accuracy_per_shape'])}\n")
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
     objective = "total correlation" if cfg.objective == "tc" else "KL"
     network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")

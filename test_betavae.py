@@ -2070,6 +2070,7 @@ def check_shipped(folder: Path) -> None:
     assert quoted and {name: float(value) for name, value in quoted.items()} == \
         {name: pytest.approx(scores[name], abs=5e-5) for name in quoted}
     assert {"val_recon", "mig", "factor_vae_score"} <= set(quoted)
+    assert f"Shape accuracy per shape: {metrics.per_factor_text(scores['shape_accuracy_per_shape'])}" in card
     assert f"{len(bv.read_history(folder / 'history.csv')) * cfg.epoch_size:,} images" in card
 
 
