@@ -336,10 +336,14 @@ def train_loader(train_set: Dataset, cfg: Config, device) -> tuple:
     return loader, batches, f"{workers} loader workers"
 
 
+def spread_positions(length: int, n: int) -> list[int]:
+    """n positions spread evenly over 0 .. length - 1 (all of them if n >= length)."""
+    return torch.linspace(0, length - 1, min(n, length), dtype=torch.float64).round().long().tolist()
+
+
 def preview_images(val_set: Dataset, n: int) -> torch.Tensor:
     """n validation images spread evenly over the validation set, (n, C, 64, 64)."""
-    positions = torch.linspace(0, len(val_set) - 1, min(n, len(val_set))).long()
-    return torch.stack([val_set[i] for i in positions.tolist()])
+    return torch.stack([val_set[i] for i in spread_positions(len(val_set), n)])
 
 
 # ====================================================================================================

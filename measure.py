@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 import metrics
 from betavae import (FACTOR_SIZES, RADIUS, BetaVAE, Shapes, UserError, active_dims, base_items,
                      checkpoint_validation, draw_shapes, load_dataset, memory_format, native_bf16, open_checkpoint,
-                     output_path, render_shapes, shape_geometry)
+                     output_path, render_shapes, shape_geometry, spread_positions)
 
 
 # the shape accuracy's candidate sizes, x RADIUS (the true ones: 0.5 to 1): a coarser grid lets the area, which
@@ -45,7 +45,7 @@ SHAPE_NAMES = ("square", "ellipse", "heart")  # the shape factor's classes, as d
 def spread(items: np.ndarray, n: int) -> np.ndarray:
     """n of the items, evenly spaced across them: validation items are sorted by grid index, whose slowest factor
     is the shape, so the first 2,000 of the shapes' 5,000 would be squares and ellipses, no heart."""
-    return items[np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)]
+    return items[spread_positions(len(items), n)]
 
 
 @torch.no_grad()
