@@ -4,6 +4,7 @@
     python study.py --variants tutorial,lr5e-4 --epochs 10 --common "--epoch-size 10000"
     python study.py --collect                 # tabulate the stages already scored, as after a stopped study
     python study.py --halves 150000           # the default's decoder, then encoder, alone on the true factors
+    python study.py --tc-angle runs/x/last.pt --n 8192   # the TC estimate as the x/y plane turns
 
 Every variant is a list of `betavae.py train` flags on top of the tutorial's settings. A run trains in
 stages through the CLI (resume is exact, so the stages add up to one run) and `betavae.py evaluate` scores
@@ -99,6 +100,8 @@ STUDY_VARIANTS.update({
     **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
     # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
+    # the same with a stronger pull on the TC after the delay: does it turn x and y onto the axes?
+    "default-delay12-beta6": f"{DEFAULT} --kl-delay 12 --beta 6",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
@@ -352,6 +355,61 @@ def halves(args) -> None:
         train_half(half, args.halves, args.seeds[0], held, held_images)
 
 
+# ====================================================================================================
+# The turned position plane (--tc-angle): a run can hold x and y in two dims turned a few degrees off the
+# axes. The closed-form KL does not change as that plane turns; the TC estimate is the one term that does.
+
+def plane_turn(codes: torch.Tensor, xy: torch.Tensor) -> tuple[int, int, float]:
+    """The two dims that hold x and y most (R^2 of a least-squares fit on both) and the angle in degrees,
+    in [-45, 45), by which that plane is turned off the axes."""
+    design = torch.cat([xy, torch.ones(len(xy), 1, dtype=xy.dtype)], dim=1)
+    fit = torch.linalg.lstsq(design, codes).solution  # (3, D): each dim from x, y and a constant
+    r2 = 1 - (codes - design @ fit).var(0) / codes.var(0)
+    a, b = r2.topk(2).indices.tolist()
+    u, _, vh = torch.linalg.svd(fit[:2][:, [a, b]])  # the nearest orthogonal map from (x, y) to the plane
+    x_to = (u @ vh)[0]  # where a unit step of x points in the (a, b) plane
+    return a, b, (math.degrees(math.atan2(x_to[1], x_to[0])) + 45) % 90 - 45
+
+
+def turned(codes: torch.Tensor, a: int, b: int, degrees: float) -> torch.Tensor:
+    """The codes with their (a, b) plane turned by `degrees` (counter-clockwise from a towards b)."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    out = codes.clone()
+    out[:, [a, b]] = codes[:, [a, b]] @ torch.tensor([[c, s], [-s, c]], dtype=codes.dtype)
+    return out
+
+
+def batch_tc(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, batch: int) -> float:
+    """The training's TC estimate (betavae.kl_decomposition) at this batch size, averaged over the batches."""
+    z = mu + (0.5 * logvar).exp() * noise
+    return float(np.mean([bv.kl_decomposition(z[i:i + batch], mu[i:i + batch], logvar[i:i + batch])["tc"].item()
+                          for i in range(0, len(mu) - batch + 1, batch)]))
+
+
+def tc_angle(args) -> None:
+    """--tc-angle: how far a checkpoint's x/y plane is turned, and the TC estimate as it turns from the axes,
+    at several batch sizes and posterior widths (the plane's two sds are about equal: turning keeps them)."""
+    model, _ = bv.load_checkpoint(args.tc_angle)
+    shapes, draws = bv.Shapes(), torch.Generator().manual_seed(0)
+    factors = shapes.factors(torch.randint(len(shapes), (args.n,), generator=draws))
+    with torch.no_grad():
+        encoded = [model.encode(bv.render_shapes(chunk)) for chunk in factors.split(512)]
+    mu, logvar = (torch.cat(parts).double() for parts in zip(*encoded))
+    a, b, turn = plane_turn(mu, true_code(factors)[:, 6:].double())
+    sds = (0.5 * logvar[:, [a, b]]).exp().median(0).values.tolist()
+    print(f"dims {a} and {b} hold x and y, turned {turn:.1f} degrees off the axes; posterior sds {sds[0]:.3f}, "
+          f"{sds[1]:.3f} (median)")
+    noise, offsets = torch.randn(mu.shape, generator=draws, dtype=torch.float64), (0, 1, 2, 5, 10, 20, 45)
+    print("TC estimate (nats) with the plane turned from the axes by " + " / ".join(map(str, offsets))
+          + " degrees | as trained")
+    for batch, wider in [(64, 1), (256, 1), (1024, 1), (4096, 1), (64, 4), (64, 16)]:
+        if batch <= args.n:
+            wide = logvar + 2 * math.log(wider)
+            tcs = [batch_tc(turned(mu, a, b, offset - turn), wide, noise, batch) for offset in offsets]
+            print(f"  batch {batch:>4}" + (f", sds x {wider}" if wider > 1 else "") + ": "
+                  + " / ".join(f"{tc:.3f}" for tc in tcs) + f" | {batch_tc(mu, wide, noise, batch):.3f}")
+
+
 def main(argv=None) -> None:
     p = Parser(prog="study.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--variants", type=lambda text: text.split(","), default=list(STUDY_VARIANTS), metavar="LIST",
@@ -361,7 +419,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-epochs", type=int, default=2, help="score every this many epochs (default: 2)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                    help="runs side by side, sharing the CPU cores (default: half the cores)")
-    p.add_argument("--n", type=int, default=5000, help="factor draws for MIG (default: 5000)")
+    p.add_argument("--n", type=int, default=5000, help="factor draws for MIG and --tc-angle (default: 5000)")
     p.add_argument("--points", type=int, nargs=2, default=[200, 100], metavar=("TRAIN", "EVAL"),
                    help="FactorVAE training and evaluation points (default: 200 100)")
     p.add_argument("--common", default="", help='train flags added to every variant, e.g. "--epoch-size 10000"')
@@ -372,8 +430,11 @@ def main(argv=None) -> None:
     p.add_argument("--halves", type=int, metavar="IMAGES",
                    help="instead: train the default's decoder, then its encoder, alone on the true factors for "
                         "IMAGES images each (first seed), printing how fast each learns the outlines")
+    p.add_argument("--tc-angle", metavar="CHECKPOINT",
+                   help="instead: how far the checkpoint's x/y plane is turned off the axes, and the TC estimate "
+                        "as the plane turns (on --n grid points)")
     args = p.parse_args(argv)
-    report_errors(halves if args.halves is not None else study, args)
+    report_errors(halves if args.halves is not None else tc_angle if args.tc_angle else study, args)
 
 
 if __name__ == "__main__":

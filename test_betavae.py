@@ -1939,6 +1939,30 @@ def test_true_code_is_what_an_image_shows_of_the_factors():
     assert torch.allclose(codes[5, 4:6], -codes[4, 4:6], atol=1e-5) and (images[4] != images[5]).sum() > 20
 
 
+def test_tc_angle_finds_a_turned_position_plane_and_the_estimate_is_lowest_on_the_axes(tiny_run, capsys):
+    # x and y of grid points in dims 2 and 0, turned 12 degrees; dim 1 the scale; sharp posteriors
+    factors = bv.Shapes().factors(torch.randint(737280, (2048,), generator=torch.Generator().manual_seed(0)))
+    code = study.true_code(factors).double()
+    codes = torch.stack([code[:, 7], code[:, 3], code[:, 6]], dim=1)  # y, scale, x
+    codes = study.turned(codes, 2, 0, 12.0)
+    a, b, turn = study.plane_turn(codes, code[:, 6:])
+    assert {a, b} == {0, 2} and abs(turn) == pytest.approx(12.0, abs=1e-6)
+    aligned = study.turned(codes, a, b, -turn)
+    assert study.plane_turn(aligned, code[:, 6:])[2] == pytest.approx(0.0, abs=1e-6)
+    assert torch.allclose(aligned[:, [a, b]].abs().sort(1).values, code[:, 6:].abs().sort(1).values, atol=1e-9)
+    # the TC estimate is lowest with the plane on the axes (x and y independent), and rises as it turns
+    logvar, noise = torch.full_like(codes, 2 * math.log(0.02)), torch.randn(codes.shape, dtype=torch.float64)
+    tcs = [study.batch_tc(study.turned(aligned, a, b, degrees), logvar, noise, 256) for degrees in (0, 2, 10, 45)]
+    assert tcs == sorted(tcs) and tcs[-1] - tcs[0] > 0.2
+    # the command on a checkpoint prints the turn and a row per batch size that --n holds
+    out, _ = tiny_run
+    study.main(["--tc-angle", str(out / "best.pt"), "--n", "300"])
+    printed = capsys.readouterr().out
+    assert re.search(r"dims \d and \d hold x and y, turned -?\d+\.\d degrees off the axes", printed)
+    assert re.search(r"batch   64: (-?\d+\.\d{3} / ){6}-?\d+\.\d{3} \| -?\d+\.\d{3}", printed)
+    assert "batch  256:" in printed and "batch 1024" not in printed and "batch   64, sds x 16" in printed
+
+
 def test_half_scores_of_perfect_halves_and_training_the_halves(capsys):
     factors = bv.Shapes().factors(torch.arange(0, 737280, 7919))  # 94 points spread over the grid
     images, candidates = bv.render_shapes(factors), measure.shape_candidates(factors)
