@@ -389,7 +389,10 @@ def batch_tc(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, batch:
 def tc_angle(args) -> None:
     """--tc-angle: how far a checkpoint's x/y plane is turned, and the TC estimate as it turns from the axes,
     at several batch sizes and posterior widths (the plane's two sds are about equal: turning keeps them)."""
-    model, _ = bv.load_checkpoint(args.tc_angle)
+    model, cfg = bv.load_checkpoint(args.tc_angle)
+    if cfg.dataset not in bv.DATASET_DEFAULTS or cfg.latent_dim < 2:  # the sprites' models, with a plane to find
+        raise UserError(f"{args.tc_angle} is a {cfg.latent_dim}-d model of {cfg.dataset}: --tc-angle needs one of "
+                        f"the sprites with at least 2 latent dims")
     shapes, draws = bv.Shapes(), torch.Generator().manual_seed(0)
     factors = shapes.factors(torch.randint(len(shapes), (args.n,), generator=draws))
     with torch.no_grad():

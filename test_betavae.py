@@ -1939,7 +1939,7 @@ def test_true_code_is_what_an_image_shows_of_the_factors():
     assert torch.allclose(codes[5, 4:6], -codes[4, 4:6], atol=1e-5) and (images[4] != images[5]).sum() > 20
 
 
-def test_tc_angle_finds_a_turned_position_plane_and_the_estimate_is_lowest_on_the_axes(tiny_run, capsys):
+def test_tc_angle_finds_a_turned_position_plane_and_the_estimate_is_lowest_on_the_axes(tiny_run, tmp_path, capsys):
     # x and y of grid points in dims 2 and 0, turned 12 degrees; dim 1 the scale; sharp posteriors
     factors = bv.Shapes().factors(torch.randint(737280, (2048,), generator=torch.Generator().manual_seed(0)))
     code = study.true_code(factors).double()
@@ -1961,6 +1961,14 @@ def test_tc_angle_finds_a_turned_position_plane_and_the_estimate_is_lowest_on_th
     assert re.search(r"dims \d and \d hold x and y, turned -?\d+\.\d degrees off the axes", printed)
     assert re.search(r"batch   64: (-?\d+\.\d{3} / ){6}-?\d+\.\d{3} \| -?\d+\.\d{3}", printed)
     assert "batch  256:" in printed and "batch 1024" not in printed and "batch   64, sds x 16" in printed
+    # a model of other data has no x/y plane to find: one line
+    state = torch.load(out / "best.pt", weights_only=True)
+    torch.save({**state, "config": {**state["config"], "dataset": "mnist"}}, tmp_path / "mnist.pt")
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--tc-angle", str(tmp_path / "mnist.pt")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("model of mnist: --tc-angle needs one of the sprites with at "
+                                                    "least 2 latent dims")
 
 
 def test_half_scores_of_perfect_halves_and_training_the_halves(capsys):
