@@ -389,6 +389,8 @@ def batch_tc(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, batch:
 def tc_angle(args) -> None:
     """--tc-angle: how far a checkpoint's x/y plane is turned, and the TC estimate as it turns from the axes,
     at several batch sizes and posterior widths (the plane's two sds are about equal: turning keeps them)."""
+    if args.n < 64:
+        raise UserError("--tc-angle needs --n of at least 64: one batch of the training's size")
     model, cfg = bv.load_checkpoint(args.tc_angle)
     if cfg.dataset not in bv.DATASET_DEFAULTS or cfg.latent_dim < 2:  # the sprites' models, with a plane to find
         raise UserError(f"{args.tc_angle} is a {cfg.latent_dim}-d model of {cfg.dataset}: --tc-angle needs one of "

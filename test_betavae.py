@@ -1969,6 +1969,9 @@ def test_tc_angle_finds_a_turned_position_plane_and_the_estimate_is_lowest_on_th
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().endswith("model of mnist: --tc-angle needs one of the sprites with at "
                                                     "least 2 latent dims")
+    with pytest.raises(SystemExit):
+        study.main(["--tc-angle", str(out / "best.pt"), "--n", "10"])
+    assert "needs --n of at least 64" in capsys.readouterr().err
 
 
 def test_half_scores_of_perfect_halves_and_training_the_halves(capsys):
