@@ -34,7 +34,7 @@ import metrics
 from infer_onnx import Parser, UserError, report_errors
 
 # the tutorial's settings, typed out: the sprites' own defaults differ (DATASET_DEFAULTS)
-STUDY_BASE = "--arch tutorial --latent-dim 128 --recon mse --objective kl --lr 1e-4 --batch-size 32"
+STUDY_BASE = "--arch tutorial --latent-dim 128 --recon mse --objective kl --lr 1e-4 --batch-size 32 --kl-delay 0"
 STUDY_VARIANTS = {
     "tutorial": "",
     "lr5e-4": "--lr 5e-4",
@@ -82,7 +82,8 @@ STUDY_VARIANTS.update({
     # Higgins et al.'s objective at the shapes default's settings: the two objectives side by side
     "recipe-kl-beta4-batch256-broadcast": f"{RECIPE} --beta 4 --batch-size 256 --arch broadcast",
 })
-# the shapes default (betavae.SPRITES), typed out: the recipe's batch 64, β 4 on the TC, the broadcast decoder
+# the shapes default before its --kl-delay (the recipe's batch 64, β 4 on the TC, the broadcast decoder), typed
+# out: the default-* variants are one change from it, named as docs/study.md and assets/study_shape.csv name them
 DEFAULT = f"{RECIPE} --objective tc --beta 4 --arch broadcast"
 # the default before the shape study (batch 256), from which its first changes were made, one at a time
 B256 = f"{DEFAULT} --batch-size 256"
@@ -98,7 +99,8 @@ STUDY_VARIANTS.update({
     "default-width2": f"{DEFAULT} --width 2",  # about 4x the compute a step
     # the whole KL term rising from 0 over 10 or 20 epochs: even a small weight kept the angle out (docs/study.md)
     **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
-    # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md)
+    # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md);
+    # the study's last change, today's shapes default (betavae.SPRITES)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
     # the same with a stronger pull on the TC after the delay: does it turn x and y onto the axes?
     "default-delay12-beta6": f"{DEFAULT} --kl-delay 12 --beta 6",

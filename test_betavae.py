@@ -35,7 +35,8 @@ import study  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # a model small enough to train for a few steps in a test: 3 steps of 16 images per epoch
-TINY = ["--epoch-size", "48", "--batch-size", "16", "--val-size", "16", "--latent-dim", "4"]
+# --kl-delay 0: the shapes' default delay (12 epochs) would make every few-epoch run a plain autoencoder
+TINY = ["--epoch-size", "48", "--batch-size", "16", "--val-size", "16", "--latent-dim", "4", "--kl-delay", "0"]
 
 
 def run_cli(*args, cwd=None):
@@ -1839,6 +1840,19 @@ def test_dataset_defaults_apply_unless_a_flag_overrides():
     assert mnist == bv.Config(dataset="mnist") and bv.describe_defaults(mnist, {"dataset"}) is None
 
 
+def test_capacity_replaces_the_default_delay_and_a_run_inside_the_delay_says_it_trains_an_autoencoder(tmp_path, capsys):
+    assert parse_train().kl_delay == bv.SPRITES["kl_delay"] == 12
+    assert parse_train("--capacity", "20").kl_delay == 0  # not refused: the delay was the dataset's, not typed
+    with pytest.raises(bv.UserError, match="pick one"):
+        parse_train("--capacity", "20", "--kl-delay", "3")
+    bv.main(["train", *TINY[:-2], "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "note: --kl-delay 12 covers all 1 epochs: this run trains an autoencoder" in out
+    assert read_rows(tmp_path / "run/history.csv", "beta_eff") == [("0.0",)]
+    bv.main(["train", *TINY, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run0")])
+    assert "note: --kl-delay" not in capsys.readouterr().out
+
+
 def parse_train(*flags):
     argv = ["train", *flags]
     args = bv.build_parser().parse_args(argv)
@@ -1857,7 +1871,7 @@ def test_train_prints_the_defaults_it_used(tmp_path, capsys):
              "--device", "cpu", "--out", str(tmp_path / "run")])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shapes defaults:"))
     assert line.startswith("shapes defaults: --latent-dim 10, --arch broadcast, --recon bce, --lr 0.0005, "
-                           "--objective tc (the tutorial's: 128, tutorial, mse, 0.0001, kl)")
+                           "--objective tc, --kl-delay 12 (the tutorial's: 128, tutorial, mse, 0.0001, kl, 0)")
     assert "--epochs" not in line and "--batch-size" not in line  # typed, so not defaults
     assert bv.SPRITES_WHY in line and "total correlation" in line
     config = json.loads((tmp_path / "run/config.json").read_text())
@@ -1875,8 +1889,8 @@ def test_every_study_variant_is_a_valid_train_command():
     # the base is the tutorial's settings, whatever the sprites' defaults
     assert all(getattr(parse_train(*shlex.split(study.STUDY_BASE)), name) == getattr(bv.Config(), name)
                for name in bv.SPRITES if name != "epochs")
-    # and DEFAULT, typed out, is the sprites' defaults: the default-* variants change the default run
-    default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.DEFAULT))
+    # and the study's last change, default-delay12, typed out, is the sprites' defaults
+    default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.STUDY_VARIANTS["default-delay12"]))
     assert all(getattr(default, name) == value for name, value in bv.SPRITES.items() if name != "epochs")
 
 
