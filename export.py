@@ -192,6 +192,15 @@ def train_command(cfg: bv.Config) -> str:
     return " ".join(["python betavae.py train --beta", f"{cfg.beta:g}", *flags])
 
 
+def kl_schedule(cfg: bv.Config) -> list[str]:
+    """How the KL term entered the training, in words (empty: at full weight from the first step)."""
+    parts = [f"no KL term for the first {cfg.kl_delay} epochs"] if cfg.kl_delay else []
+    parts += [f"β rising from 0 over {cfg.kl_warmup} epochs"] if cfg.kl_warmup else []
+    if cfg.capacity is not None:
+        parts.append(f"capacity rising to {cfg.capacity:g} nats over {cfg.capacity_epochs} epochs (γ {cfg.gamma:g})")
+    return parts
+
+
 def write_model_card(folder: Path, cfg: bv.Config) -> None:
     """MODEL_CARD.md from the shipped files: data, command, images, seed, metrics, machine and time."""
     scores = json.loads((folder / "metrics.json").read_text())
@@ -213,7 +222,7 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
                      f"{cfg.channels}x64x64",
              "command": f"`{train_command(cfg)}` (seed {cfg.seed})",
              "model": f"{network}, {cfg.latent_dim} latent dims, {cfg.recon} reconstruction, β {cfg.beta:g} "
-                      f"on the {objective}",
+                      f"on the {objective}" + "".join(f"; {part}" for part in kl_schedule(cfg)),
              "training": f"{len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch "
                          f"{cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation "
                          f"objective",

@@ -2121,10 +2121,21 @@ def check_shipped(folder: Path) -> None:
     assert {"val_recon", "mig", "factor_vae_score"} <= set(quoted)
     assert f"Shape accuracy per shape: {metrics.per_factor_text(scores['shape_accuracy_per_shape'])}" in card
     assert f"{len(bv.read_history(folder / 'history.csv')) * cfg.epoch_size:,} images" in card
+    assert all(f"; {part}" in card for part in export.kl_schedule(cfg))  # how the KL term entered
+
+
+def test_the_model_card_names_how_the_kl_term_entered():
+    assert export.kl_schedule(bv.Config()) == []
+    assert export.kl_schedule(bv.Config(kl_delay=12, kl_warmup=3)) == ["no KL term for the first 12 epochs",
+                                                                      "β rising from 0 over 3 epochs"]
+    assert export.kl_schedule(bv.Config(capacity=25.0)) == ["capacity rising to 25 nats over 10 epochs (γ 1000)"]
 
 
 def test_the_shipped_model_loads_and_its_files_agree():
     check_shipped(HERE / "assets" / "model")
+    # it is the default run's: a change of the sprites' defaults needs `python assets/remake.py`
+    _, cfg = bv.load_checkpoint(HERE / "assets" / "model" / "model.pt")
+    assert {name: getattr(cfg, name) for name in bv.SPRITES} == bv.SPRITES and cfg.dataset == "shapes"
     assert sum(f.stat().st_size for f in (HERE / "assets").rglob("*") if f.is_file()) <= 6e6
 
 
