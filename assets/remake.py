@@ -1,7 +1,7 @@
 """Remake the shipped model (assets/model/) and every picture the README and docs/ show of the default run,
 from scratch, with the README's own commands:
 
-    python assets/remake.py          # about 95 minutes on a 2-core CPU; run it again to resume after a stop
+    python assets/remake.py          # about 100 minutes on a 2-core CPU; run it again to resume after a stop
 
 1. `python betavae.py train --beta 4` into runs/shipped (resumed where it stopped),
 2. `python betavae.py evaluate` of its best.pt at the defaults (disentanglement_lib's sample),
