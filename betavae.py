@@ -1052,7 +1052,7 @@ def print_start(t: Training, defaults_used: Optional[str]) -> None:
     if defaults_used:
         print(defaults_used)
     print(describe_loss(cfg))
-    if cfg.kl_delay >= cfg.epochs and cfg.capacity is None:
+    if cfg.kl_delay >= cfg.epochs:  # (--capacity runs have no delay: check_config)
         print(f"note: --kl-delay {cfg.kl_delay} covers all {cfg.epochs} epochs: this run trains an autoencoder; "
               f"--kl-delay 0 makes a short run a Beta-VAE")
     resumed = " (resumed)" if t.run["epoch"] or t.run["step"] else ""

@@ -388,11 +388,16 @@ def batch_tc(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, batch:
                           for i in range(0, len(mu) - batch + 1, batch)]))
 
 
+# (batch, posterior sds times) of the --tc-angle table: the training's batch, larger ones, wider posteriors
+TC_ANGLE_ROWS = [(64, 1), (256, 1), (1024, 1), (4096, 1), (64, 4), (64, 16)]
+
+
 def tc_angle(args) -> None:
     """--tc-angle: how far a checkpoint's x/y plane is turned, and the TC estimate as it turns from the axes,
     at several batch sizes and posterior widths (the plane's two sds are about equal: turning keeps them)."""
-    if args.n < 64:
-        raise UserError("--tc-angle needs --n of at least 64: one batch of the training's size")
+    smallest = min(batch for batch, _ in TC_ANGLE_ROWS)
+    if args.n < smallest:
+        raise UserError(f"--tc-angle needs --n of at least {smallest}: one batch of its table's smallest")
     model, cfg = bv.load_checkpoint(args.tc_angle)
     if cfg.dataset not in bv.DATASET_DEFAULTS or cfg.latent_dim < 2:  # the sprites' models, with a plane to find
         raise UserError(f"{args.tc_angle} is a {cfg.latent_dim}-d model of {cfg.dataset}: --tc-angle needs one of "
@@ -409,7 +414,7 @@ def tc_angle(args) -> None:
     noise, offsets = torch.randn(mu.shape, generator=draws, dtype=torch.float64), (0, 1, 2, 5, 10, 20, 45)
     print("TC estimate (nats) with the plane turned from the axes by " + " / ".join(map(str, offsets))
           + " degrees | as trained")
-    for batch, wider in [(64, 1), (256, 1), (1024, 1), (4096, 1), (64, 4), (64, 16)]:
+    for batch, wider in TC_ANGLE_ROWS:
         if batch <= args.n:
             wide = logvar + 2 * math.log(wider)
             tcs = [batch_tc(turned(mu, a, b, offset - turn), wide, noise, batch) for offset in offsets]
