@@ -102,8 +102,8 @@ STUDY_VARIANTS.update({
     # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md);
     # the study's last change, today's shapes default (betavae.SPRITES)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
-    # the same with a stronger pull on the TC after the delay: does it turn x and y onto the axes?
-    "default-delay12-beta6": f"{DEFAULT} --kl-delay 12 --beta 6",
+    # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
+    **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
