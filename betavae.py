@@ -43,7 +43,6 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
 
 import metrics  # noqa: E402  (torch-free: the disentanglement metrics on arrays)
 # run as a script this module is __main__: measure.py's `import betavae` must find it, not load a second copy
@@ -1102,8 +1101,9 @@ def save_epoch_images(model, val_images, sample_z, out: Path, epoch: int, writer
     samples = model.decode(sample_z)
     model.train()
     (out / "images").mkdir(exist_ok=True)
-    save_image(torch.cat([val_images, recon]).cpu(), out / "images" / f"recon_e{epoch:03d}.png", nrow=len(val_images))
-    save_image(samples.cpu(), out / "images" / f"samples_e{epoch:03d}.png", nrow=8)
+    image_grid(torch.cat([val_images, recon]).cpu().numpy(), len(val_images)).save(
+        out / "images" / f"recon_e{epoch:03d}.png")
+    image_grid(samples.cpu().numpy(), 8).save(out / "images" / f"samples_e{epoch:03d}.png")
     if writer is not None:
         writer.add_images("images/reconstruction", torch.cat([val_images, recon]).cpu(), epoch)
         writer.add_images("images/samples", samples.cpu(), epoch)
