@@ -1101,12 +1101,12 @@ def save_epoch_images(model, val_images, sample_z, out: Path, epoch: int, writer
     samples = model.decode(sample_z)
     model.train()
     (out / "images").mkdir(exist_ok=True)
-    image_grid(torch.cat([val_images, recon]).cpu().numpy(), len(val_images)).save(
-        out / "images" / f"recon_e{epoch:03d}.png")
-    image_grid(samples.cpu().numpy(), 8).save(out / "images" / f"samples_e{epoch:03d}.png")
+    pairs, samples = torch.cat([val_images, recon]).cpu(), samples.cpu()
+    image_grid(pairs.numpy(), len(val_images)).save(out / "images" / f"recon_e{epoch:03d}.png")
+    image_grid(samples.numpy(), 8).save(out / "images" / f"samples_e{epoch:03d}.png")
     if writer is not None:
-        writer.add_images("images/reconstruction", torch.cat([val_images, recon]).cpu(), epoch)
-        writer.add_images("images/samples", samples.cpu(), epoch)
+        writer.add_images("images/reconstruction", pairs, epoch)
+        writer.add_images("images/samples", samples, epoch)
 
 
 HISTORY_FIELDS = ["epoch", *(f"{split}_{name}" for split in ("train", "val") for name in LOGGED_TERMS),
