@@ -60,7 +60,7 @@ def step_loop(cfg: bv.Config, device, x: torch.Tensor, steps: int, channels_last
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
     # fixed shapes: a batch of another size compiles once more instead of tracing symbolic sizes
     trained, x = torch.compile(model, dynamic=False) if compile else model, x.contiguous(memory_format=fmt)
-    settings = bv.loss_settings(cfg, *bv.schedule(cfg, cfg.epochs))
+    settings = bv.loss_settings(cfg, cfg.epochs)
 
     def run():
         for _ in range(steps):
@@ -99,7 +99,7 @@ def bench(args) -> None:
     order = torch.Generator().manual_seed(0)
     model = bv.BetaVAE.of(cfg).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-    settings, bf16 = bv.loss_settings(cfg, *bv.schedule(cfg, cfg.epochs)), bv.uses_bf16(cfg.precision, device)
+    settings, bf16 = bv.loss_settings(cfg, cfg.epochs), bv.uses_bf16(cfg.precision, device)
 
     def step(batch):
         bv.train_step(model, optimizer, batch, settings, bf16)

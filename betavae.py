@@ -88,6 +88,10 @@ class Config:
     kl_delay: int = option(0, "epochs with no KL term before it enters (or --kl-warmup begins): an autoencoder "
                            "first, which lets the shapes' angles into the code (docs/study.md)")
     kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
+    beta_early: Optional[float] = option(None, "beta for the first --beta-early-epochs epochs of the KL term, then "
+                                         "--beta: a stronger pull while the code forms turns x and y onto the axes "
+                                         "(docs/study.md; unset: off)", type=float)
+    beta_early_epochs: int = option(24, "epochs of --beta-early, counted from the first with the KL term")
     free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
     capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "
                                        "becomes recon + gamma*|KL - C(t)| (unset: off)", type=float)
@@ -155,12 +159,14 @@ def check_config(cfg: Config) -> None:
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
         (cfg.kl_delay >= 0, "--kl-delay must be >= 0"),
+        (cfg.beta_early is None or cfg.beta_early >= 0, "--beta-early must be >= 0"),
+        (cfg.beta_early_epochs >= 1, "--beta-early-epochs must be >= 1"),
         (cfg.free_bits >= 0, "--free-bits must be >= 0"),
         (cfg.capacity is None or cfg.capacity >= 0, "--capacity must be >= 0"),
         (cfg.capacity_epochs >= 1, "--capacity-epochs must be >= 1"),
         (cfg.gamma > 0, "--gamma must be > 0"),
-        (cfg.capacity is None or cfg.kl_warmup == cfg.kl_delay == 0,
-         "--capacity and --kl-warmup or --kl-delay are alternatives; pick one"),
+        (cfg.capacity is None or cfg.kl_warmup == cfg.kl_delay == 0 and cfg.beta_early is None,
+         "--capacity and --kl-warmup, --kl-delay or --beta-early are alternatives; pick one"),
         (cfg.objective == "kl" or cfg.batch_size >= 2, "--objective tc estimates the total correlation from the "
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
@@ -177,13 +183,19 @@ def check_config(cfg: Config) -> None:
             raise UserError(message)
 
 
+def scheduled_beta(cfg: Config, epoch: int) -> float:
+    """The beta of a 1-based epoch before any warm-up scales it: --beta-early for its epochs after the delay."""
+    early = cfg.beta_early is not None and 0 < epoch - cfg.kl_delay <= cfg.beta_early_epochs
+    return cfg.beta_early if early else cfg.beta
+
+
 def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
     """(beta_eff, capacity C) of a 1-based epoch, constant within it: validation scores that epoch's objective.
-    beta_eff is 0 for the --kl-delay epochs, then rises over --kl-warmup's."""
-    after = epoch - cfg.kl_delay
-    beta = 0.0 if after <= 0 else cfg.beta * min(1.0, after / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
+    beta_eff is 0 for the --kl-delay epochs, then rises over --kl-warmup's (to --beta-early's, if set)."""
+    after, beta = epoch - cfg.kl_delay, scheduled_beta(cfg, epoch)
+    beta_eff = 0.0 if after <= 0 else beta * min(1.0, after / cfg.kl_warmup) if cfg.kl_warmup else beta
     capacity = None if cfg.capacity is None else cfg.capacity * min(1.0, epoch / cfg.capacity_epochs)
-    return beta, capacity
+    return beta_eff, capacity
 
 
 def schedule_done(cfg: Config, epoch: int) -> bool:
@@ -528,11 +540,14 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
     return {**parts, "total": total}
 
 
-def loss_settings(cfg: Config, beta: float, capacity) -> dict:
-    """loss_terms' keyword arguments at this point of the schedule. A warm-up under --objective tc weights the
-    whole KL term: ramping the TC's weight alone would leave a plain VAE's early epochs, which collapse as readily."""
-    warm = beta / cfg.beta if cfg.objective == "tc" and cfg.beta else 1.0
-    return dict(recon=cfg.recon, beta=cfg.beta if cfg.objective == "tc" else beta, free_bits=cfg.free_bits,
+def loss_settings(cfg: Config, epoch: float) -> dict:
+    """loss_terms' keyword arguments for a 1-based epoch of the schedule. A warm-up under --objective tc weights
+    the whole KL term: ramping the TC's weight alone would leave a plain VAE's early epochs, which collapse as
+    readily."""
+    (beta_eff, capacity), beta = schedule(cfg, epoch), scheduled_beta(cfg, epoch)
+    tc = cfg.objective == "tc"
+    warm = beta_eff / beta if tc and beta else 1.0
+    return dict(recon=cfg.recon, beta=beta if tc else beta_eff, free_bits=cfg.free_bits,
                 capacity=capacity, gamma=cfg.gamma, objective=cfg.objective, warm=warm)
 
 
@@ -552,6 +567,8 @@ def describe_loss(cfg: Config) -> str:
         terms, parts = f"w*({terms})", parts and f"w*({parts})"
         delay = f"w 0 for {cfg.kl_delay} epochs, then " if cfg.kl_delay else "w "
         ramp += f", {delay}rising from 0 to 1 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else f", {delay}1"
+    if cfg.beta_early is not None:
+        ramp += f", beta {cfg.beta_early:g} for the first {cfg.beta_early_epochs} epochs of the KL term"
     objective = f"recon + {terms}" + (parts and f" = recon + {parts}") + ramp
     if tc:
         objective += (f", beta {cfg.beta:g} on the total correlation only (Chen et al. 2018); TC estimated on each "
@@ -598,12 +615,11 @@ def fit(t: Training) -> None:
     t.clock = time.perf_counter()
     with StopOnCtrlC() as stop:
         for epoch in range(t.run["epoch"] + 1, cfg.epochs + 1):
-            beta, capacity = schedule(cfg, epoch)
-            images, seconds = run_epoch(t, trained, epoch, loss_settings(cfg, beta, capacity), stop)
-            val = validate(t.model, t.val_loader, cfg, beta, capacity, device)
+            images, seconds = run_epoch(t, trained, epoch, loss_settings(cfg, epoch), stop)
+            val = validate(t.model, t.val_loader, cfg, epoch, device)
             if schedule_done(cfg, epoch):  # a rising KL weight is no plateau: halve the lr on final objectives only
                 t.scheduler.step(val["total"])
-            record_epoch(t, epoch_row(t, epoch, beta, capacity, val, images, seconds))
+            record_epoch(t, epoch_row(t, epoch, val, images, seconds))
             if agree_on(stop.requested, device=device)[0]:
                 raise UserError(f"interrupted after epoch {epoch}: saved {t.out / 'last.pt'}; continue with --resume",
                                 code=130)
@@ -953,8 +969,8 @@ def val_batch_size(cfg: Config) -> int:
 
 
 @torch.no_grad()
-def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
-    """The epoch's objective on validation data (eval mode, fixed noise), its terms, per-dim KL and codes mu."""
+def validate(model, loader, cfg: Config, epoch: float, device) -> dict:
+    """The 1-based epoch's objective on validation data (eval mode, fixed noise), its terms, per-dim KL and codes mu."""
     was_training = model.training
     model.eval()
     broadcast_buffers(model)  # every rank validates the model the checkpoint stores: rank 0's
@@ -965,7 +981,7 @@ def validate(model, loader, cfg: Config, beta: float, capacity, device) -> dict:
     for x in loader:
         x = x.to(device).contiguous(memory_format=memory_format(device))
         logits, mu, logvar, z = model(x, generator)
-        parts = loss_terms(logits, x, mu, logvar, z, **loss_settings(cfg, beta, capacity))
+        parts = loss_terms(logits, x, mu, logvar, z, **loss_settings(cfg, epoch))
         sums += torch.cat([logged_terms(parts), parts["kl_per_dim"], torch.ones(1, device=device)]) * len(x)
         codes.append(mu.double().cpu())
     model.train(was_training)
@@ -997,8 +1013,9 @@ def take_time(t: Training) -> None:
 EVAL_EVERY_SAMPLE = {"n": 1000, "points": (1000, 500)}  # a tenth of evaluate's: DCI's boosted trees take the time
 
 
-def epoch_row(t: Training, epoch: int, beta: float, capacity, val: dict, images: int, seconds: float) -> dict:
+def epoch_row(t: Training, epoch: int, val: dict, images: int, seconds: float) -> dict:
     """The epoch's row of the history; with --eval-every also the disentanglement metrics."""
+    beta, capacity = schedule(t.cfg, epoch)
     row = {"epoch": epoch, **{f"train_{name}": value for name, value in
                               zip(LOGGED_TERMS, (t.run["sums"] / t.run["seen"]).tolist())},
            **{f"val_{name}": val[name] for name in LOGGED_TERMS},
@@ -1257,7 +1274,7 @@ def checkpoint_validation(model: BetaVAE, cfg: Config, device) -> dict:
     """validate() for a loaded checkpoint: its validation data at the run's final beta_eff / capacity."""
     _, val_set = make_datasets(cfg)
     loader = DataLoader(val_set, batch_size=val_batch_size(cfg), generator=torch.Generator())
-    return {**validate(model, loader, cfg, *schedule(cfg, cfg.epochs), torch.device(device)), "val_set": val_set}
+    return {**validate(model, loader, cfg, cfg.epochs, torch.device(device)), "val_set": val_set}
 
 
 def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[int, float]]:

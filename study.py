@@ -104,6 +104,8 @@ STUDY_VARIANTS.update({
     "default-delay12": f"{DEFAULT} --kl-delay 12",
     # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
+    # beta 6 for the 24 epochs after the delay, then 4: the axes of the one with the outlines of the other?
+    "default-delay12-early6": f"{DEFAULT} --kl-delay 12 --beta-early 6",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
