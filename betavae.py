@@ -200,7 +200,7 @@ def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
 
 def schedule_done(cfg: Config, epoch: int) -> bool:
     """True once beta_eff and C have their final values (from then on, objectives compare): with --kl-delay D
-    and no warm-up that is epoch D + 1, the first with the KL term."""
+    and no warm-up that is epoch D + 1, the first with the KL term (D + N + 1 with --beta-early-epochs N)."""
     return schedule(cfg, epoch) == schedule(cfg, math.inf)
 
 
@@ -540,7 +540,7 @@ def loss_terms(logits, x, mu, logvar, z=None, *, recon: str = "mse", beta: float
     return {**parts, "total": total}
 
 
-def loss_settings(cfg: Config, epoch: float) -> dict:
+def loss_settings(cfg: Config, epoch: int) -> dict:
     """loss_terms' keyword arguments for a 1-based epoch of the schedule. A warm-up under --objective tc weights
     the whole KL term: ramping the TC's weight alone would leave a plain VAE's early epochs, which collapse as
     readily."""
@@ -969,7 +969,7 @@ def val_batch_size(cfg: Config) -> int:
 
 
 @torch.no_grad()
-def validate(model, loader, cfg: Config, epoch: float, device) -> dict:
+def validate(model, loader, cfg: Config, epoch: int, device) -> dict:
     """The 1-based epoch's objective on validation data (eval mode, fixed noise), its terms, per-dim KL and codes mu."""
     was_training = model.training
     model.eval()
