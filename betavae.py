@@ -1105,7 +1105,11 @@ def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
     if last["epoch"] >= 2 and last["val_kl"] < 0.1 and (last["beta_eff"] > 0 or last["capacity"]):
         print(f"warning: validation KL is {last['val_kl']:.3f} nats: the posterior has collapsed onto the prior "
               f"(lower --beta)")
-    if recon_stalled(history, patience) and not recon_stalled(history[:-1], patience):
+    # a recon worse than under a smaller KL weight (the autoencoder of a delay) is no stall: this weight's epochs only
+    weight, start = lambda row: (row["beta_eff"], row["capacity"]), len(history)
+    while start and weight(history[start - 1]) == weight(last):
+        start -= 1
+    if recon_stalled(history[start:], patience) and not recon_stalled(history[start:-1], patience):
         print(f"warning: the reconstruction has not improved for {patience} epochs "
               f"(lr {last['lr']:.1e}; ReduceLROnPlateau halves it after {LR_PATIENCE} epochs without a better objective)")
 

@@ -331,8 +331,8 @@ def test_gradients_reach_mu_and_logvar_through_the_sample():
 
 
 def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
-    def row(epoch, recon, kl, train_recon=None):
-        return {"epoch": epoch, "val_recon": recon, "val_kl": kl, "beta_eff": 4.0, "capacity": None, "lr": 1e-4,
+    def row(epoch, recon, kl, train_recon=None, beta=4.0):
+        return {"epoch": epoch, "val_recon": recon, "val_kl": kl, "beta_eff": beta, "capacity": None, "lr": 1e-4,
                 "train_recon": recon if train_recon is None else train_recon}
     cfg = bv.Config()
     bv.warn_if_stuck([row(1, 90, 0.01), row(2, 80, 0.02)], cfg)
@@ -348,6 +348,11 @@ def test_warnings_for_collapse_and_a_stalled_reconstruction(capsys):
     assert said == [False] * 5 + [True, False, False]  # once, when the stall begins
     bv.warn_if_stuck(stalled + [row(9, 40.0, 5.0)] + [row(e, 45.0, 5.0) for e in range(10, 15)], cfg)
     assert "has not improved" in capsys.readouterr().out  # a new stall after an improvement is said again
+    # after a delay the recon is worse than the autoencoder's: no stall while it improves under the KL term
+    delayed = [row(e, 40.0, 60.0, beta=0.0) for e in range(1, 4)] + [row(e, 80.0 - e, 12.0) for e in range(4, 12)]
+    for epoch in range(1, 12):
+        bv.warn_if_stuck(delayed[:epoch], cfg)
+    assert capsys.readouterr().out == ""
     # a validation recon that wanders while the training recon still falls is not a stall
     wandering = [row(e, 50.0 + e % 2, 5.0, train_recon=100.0 - e) for e in range(1, 12)]
     for epoch in range(1, 12):
