@@ -89,8 +89,8 @@ class Config:
                            "first, which lets the shapes' angles into the code (docs/study.md)")
     kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
     beta_early: Optional[float] = option(None, "beta for the first --beta-early-epochs epochs of the KL term, then "
-                                         "--beta: a stronger pull while the code forms turns x and y onto the axes "
-                                         "(docs/study.md; unset: off)", type=float)
+                                         "--beta: a stronger pull while the code forms (docs/study.md; unset: off)",
+                                         type=float)
     beta_early_epochs: int = option(24, "epochs of --beta-early, counted from the first with the KL term")
     free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
     capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "
