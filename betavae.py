@@ -975,13 +975,13 @@ def validate(model, loader, cfg: Config, epoch: int, device) -> dict:
     model.eval()
     broadcast_buffers(model)  # every rank validates the model the checkpoint stores: rank 0's
     generator = torch.Generator(device).manual_seed(0)  # same noise every epoch: losses compare
-    n_terms = len(LOGGED_TERMS)
+    n_terms, settings = len(LOGGED_TERMS), loss_settings(cfg, epoch)
     sums = torch.zeros(n_terms + cfg.latent_dim + 1, device=device)  # the terms, per-dim KL, images
     codes = []
     for x in loader:
         x = x.to(device).contiguous(memory_format=memory_format(device))
         logits, mu, logvar, z = model(x, generator)
-        parts = loss_terms(logits, x, mu, logvar, z, **loss_settings(cfg, epoch))
+        parts = loss_terms(logits, x, mu, logvar, z, **settings)
         sums += torch.cat([logged_terms(parts), parts["kl_per_dim"], torch.ones(1, device=device)]) * len(x)
         codes.append(mu.double().cpu())
     model.train(was_training)
