@@ -768,8 +768,7 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
         resume(t, resumed)
     t.loader, t.batches, t.data_path = train_loader(train_set, cfg, device)
     val_share = val_set if ranks.world == 1 else Subset(val_set, range(ranks.rank, len(val_set), ranks.world))
-    t.val_loader = DataLoader(val_share, batch_size=val_batch_size(cfg), num_workers=loader_workers(cfg),
-                              generator=torch.Generator())
+    t.val_loader = val_loader(val_share, cfg, loader_workers(cfg))
     t.previews = (preview_images(val_set, 8).to(device),  # fixed images and codes drawn every epoch
                   torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(0)).to(device))
     return t
@@ -963,9 +962,13 @@ class StopOnCtrlC:
 # ----------------------------------------------------------------------------------------------------
 # Validation and what each epoch records: history.csv, pictures, charts, TensorBoard, checkpoints.
 
-def val_batch_size(cfg: Config) -> int:
-    """The TC estimate depends on the batch, so it validates at the training batch size."""
-    return cfg.batch_size if cfg.objective == "tc" else 256
+def val_loader(val_set: Dataset, cfg: Config, workers: int = 0) -> DataLoader:
+    """The validation batches, drawn as training draws its own: the TC is estimated from the batch, so at the training
+    batch size and in a fixed shuffled order (the set is sorted, and batches of one shape halve the TC estimate)."""
+    order = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0)).tolist()
+    # its own generator: iterating a DataLoader would otherwise draw from the training's global random state
+    return DataLoader(Subset(val_set, order), batch_size=cfg.batch_size if cfg.objective == "tc" else 256,
+                      num_workers=workers, generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -1276,9 +1279,8 @@ def output_path(args, run: Path, name: str) -> Path:
 
 def checkpoint_validation(model: BetaVAE, cfg: Config, device) -> dict:
     """validate() for a loaded checkpoint: its validation data at the run's final beta_eff / capacity."""
-    _, val_set = make_datasets(cfg)
-    loader = DataLoader(val_set, batch_size=val_batch_size(cfg), generator=torch.Generator())
-    return {**validate(model, loader, cfg, cfg.epochs, torch.device(device)), "val_set": val_set}
+    loader = val_loader(make_datasets(cfg)[1], cfg)
+    return {**validate(model, loader, cfg, cfg.epochs, torch.device(device)), "val_set": loader.dataset}
 
 
 def kl_ranking(state: dict, model: BetaVAE, cfg: Config, device) -> list[tuple[int, float]]:

@@ -43,9 +43,9 @@ SHAPE_NAMES = ("square", "ellipse", "heart")  # the shape factor's classes, as d
 
 
 def spread(items: np.ndarray, n: int) -> np.ndarray:
-    """n of the items, evenly spaced across them: validation items are sorted by grid index, whose slowest factor
-    is the shape, so the first 2,000 of the shapes' 5,000 would be squares and ellipses, no heart."""
-    return items[spread_positions(len(items), n)]
+    """n of the items, evenly spaced across them in grid order, whose slowest factor is the shape: the first 2,000 of
+    the shapes' 5,000 validation items would be squares and ellipses, no heart."""
+    return np.sort(items)[spread_positions(len(items), n)]
 
 
 @torch.no_grad()

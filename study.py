@@ -106,6 +106,8 @@ STUDY_VARIANTS.update({
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
     # beta 6 for the 24 epochs after the delay, then 4: the axes of the one with the outlines of the other?
     "default-delay12-early6": f"{DEFAULT} --kl-delay 12 --beta-early 6",
+    # twice the lr: the x/y plane turns onto the axes by a gradient of 0.01 nats a degree; does it turn sooner?
+    "default-delay12-lr1e-3": f"{DEFAULT} --kl-delay 12 --lr 1e-3",
 })
 STUDY_FIELDS = ["variant", "seed", "epoch", "images", "minutes", "threads", "mig", "factor_vae_score",
                 "shape_accuracy", "val_recon", "val_kl", "active_dims", "mig_per_factor"]
