@@ -88,10 +88,6 @@ class Config:
     kl_delay: int = option(0, "epochs with no KL term before it enters (or --kl-warmup begins): an autoencoder "
                            "first, which lets the shapes' angles into the code (docs/study.md)")
     kl_warmup: int = option(0, "epochs over which beta rises linearly from 0 (0: off)")
-    beta_early: Optional[float] = option(None, "beta for the first --beta-early-epochs epochs of the KL term, then "
-                                         "--beta: a stronger pull while the code forms (docs/study.md; unset: off)",
-                                         type=float)
-    beta_early_epochs: int = option(24, "epochs of --beta-early, counted from the first with the KL term")
     free_bits: float = option(0.0, "each latent dim's batch-mean KL counts at least this many nats")
     capacity: Optional[float] = option(None, "Burgess et al.: target KL C_max in nats; the objective "
                                        "becomes recon + gamma*|KL - C(t)| (unset: off)", type=float)
@@ -159,14 +155,12 @@ def check_config(cfg: Config) -> None:
         (cfg.epoch_size >= 0, "--epoch-size must be >= 0 (0 means a full pass)"),
         (cfg.kl_warmup >= 0, "--kl-warmup must be >= 0"),
         (cfg.kl_delay >= 0, "--kl-delay must be >= 0"),
-        (cfg.beta_early is None or cfg.beta_early >= 0, "--beta-early must be >= 0"),
-        (cfg.beta_early_epochs >= 1, "--beta-early-epochs must be >= 1"),
         (cfg.free_bits >= 0, "--free-bits must be >= 0"),
         (cfg.capacity is None or cfg.capacity >= 0, "--capacity must be >= 0"),
         (cfg.capacity_epochs >= 1, "--capacity-epochs must be >= 1"),
         (cfg.gamma > 0, "--gamma must be > 0"),
-        (cfg.capacity is None or cfg.kl_warmup == cfg.kl_delay == 0 and cfg.beta_early is None,
-         "--capacity and --kl-warmup, --kl-delay or --beta-early are alternatives; pick one"),
+        (cfg.capacity is None or cfg.kl_warmup == cfg.kl_delay == 0,
+         "--capacity and --kl-warmup or --kl-delay are alternatives; pick one"),
         (cfg.objective == "kl" or cfg.batch_size >= 2, "--objective tc estimates the total correlation from the "
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
@@ -183,24 +177,18 @@ def check_config(cfg: Config) -> None:
             raise UserError(message)
 
 
-def scheduled_beta(cfg: Config, epoch: int) -> float:
-    """The beta of a 1-based epoch before any warm-up scales it: --beta-early for its epochs after the delay."""
-    early = cfg.beta_early is not None and 0 < epoch - cfg.kl_delay <= cfg.beta_early_epochs
-    return cfg.beta_early if early else cfg.beta
-
-
 def schedule(cfg: Config, epoch: int) -> tuple[float, Optional[float]]:
     """(beta_eff, capacity C) of a 1-based epoch, constant within it: validation scores that epoch's objective.
-    beta_eff is 0 for the --kl-delay epochs, then rises over --kl-warmup's (to --beta-early's, if set)."""
-    after, beta = epoch - cfg.kl_delay, scheduled_beta(cfg, epoch)
-    beta_eff = 0.0 if after <= 0 else beta * min(1.0, after / cfg.kl_warmup) if cfg.kl_warmup else beta
+    beta_eff is 0 for the --kl-delay epochs, then rises over --kl-warmup's."""
+    after = epoch - cfg.kl_delay
+    beta_eff = 0.0 if after <= 0 else cfg.beta * min(1.0, after / cfg.kl_warmup) if cfg.kl_warmup else cfg.beta
     capacity = None if cfg.capacity is None else cfg.capacity * min(1.0, epoch / cfg.capacity_epochs)
     return beta_eff, capacity
 
 
 def schedule_done(cfg: Config, epoch: int) -> bool:
     """True once beta_eff and C have their final values (from then on, objectives compare): with --kl-delay D
-    and no warm-up that is epoch D + 1, the first with the KL term (D + N + 1 with --beta-early-epochs N)."""
+    and no warm-up that is epoch D + 1, the first with the KL term."""
     return schedule(cfg, epoch) == schedule(cfg, math.inf)
 
 
@@ -544,10 +532,10 @@ def loss_settings(cfg: Config, epoch: int) -> dict:
     """loss_terms' keyword arguments for a 1-based epoch of the schedule. A warm-up under --objective tc weights
     the whole KL term: ramping the TC's weight alone would leave a plain VAE's early epochs, which collapse as
     readily."""
-    (beta_eff, capacity), beta = schedule(cfg, epoch), scheduled_beta(cfg, epoch)
+    beta_eff, capacity = schedule(cfg, epoch)
     tc = cfg.objective == "tc"
-    warm = beta_eff / beta if tc and beta else 1.0
-    return dict(recon=cfg.recon, beta=beta if tc else beta_eff, free_bits=cfg.free_bits,
+    warm = beta_eff / cfg.beta if tc and cfg.beta else 1.0
+    return dict(recon=cfg.recon, beta=cfg.beta if tc else beta_eff, free_bits=cfg.free_bits,
                 capacity=capacity, gamma=cfg.gamma, objective=cfg.objective, warm=warm)
 
 
@@ -567,8 +555,6 @@ def describe_loss(cfg: Config) -> str:
         terms, parts = f"w*({terms})", parts and f"w*({parts})"
         delay = f"w 0 for {cfg.kl_delay} epochs, then " if cfg.kl_delay else "w "
         ramp += f", {delay}rising from 0 to 1 over {cfg.kl_warmup} epochs" if cfg.kl_warmup else f", {delay}1"
-    if cfg.beta_early is not None:
-        ramp += f", beta {cfg.beta_early:g} for the first {cfg.beta_early_epochs} epochs of the KL term"
     objective = f"recon + {terms}" + (parts and f" = recon + {parts}") + ramp
     if tc:
         objective += (f", beta {cfg.beta:g} on the total correlation only (Chen et al. 2018); TC estimated on each "

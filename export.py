@@ -196,7 +196,6 @@ def kl_schedule(cfg: bv.Config) -> list[str]:
     """How the KL term entered the training, in words (empty: at full weight from the first step)."""
     parts = [f"no KL term for the first {cfg.kl_delay} epochs"] if cfg.kl_delay else []
     parts += [f"β rising from 0 over {cfg.kl_warmup} epochs"] if cfg.kl_warmup else []
-    parts += [f"β {cfg.beta_early:g} for its first {cfg.beta_early_epochs} epochs"] if cfg.beta_early is not None else []
     if cfg.capacity is not None:
         parts.append(f"capacity rising to {cfg.capacity:g} nats over {cfg.capacity_epochs} epochs (γ {cfg.gamma:g})")
     return parts

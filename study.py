@@ -102,10 +102,10 @@ STUDY_VARIANTS.update({
     # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md);
     # the study's last change, today's shapes default (betavae.SPRITES)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
+    # a longer autoencoder: a run whose outlines were not in by epoch 12 lost them when the KL term entered
+    "default-delay16": f"{DEFAULT} --kl-delay 16",
     # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
-    # beta 6 for the 24 epochs after the delay, then 4: the axes of the one with the outlines of the other?
-    "default-delay12-early6": f"{DEFAULT} --kl-delay 12 --beta-early 6",
     # twice the lr: the x/y plane turns onto the axes by a gradient of 0.01 nats a degree; does it turn sooner?
     "default-delay12-lr1e-3": f"{DEFAULT} --kl-delay 12 --lr 1e-3",
 })

@@ -172,12 +172,6 @@ def test_warmup_and_capacity_schedules():
     assert [bv.schedule_done(bv.Config(beta=4.0, kl_delay=2), e) for e in (2, 3)] == [False, True]
     assert bv.schedule_done(bv.Config(beta=0.0, kl_delay=2), 1)  # a plain autoencoder's objective never changes
     assert [bv.schedule_done(cap, e) for e in (3, 4)] == [False, True]
-    # --beta-early: its beta for the first epochs with the KL term, then --beta; the objective is final after it
-    early = bv.Config(beta=4.0, kl_delay=1, beta_early=6.0, beta_early_epochs=2)
-    assert [bv.schedule(early, e)[0] for e in range(1, 6)] == [0.0, 6.0, 6.0, 4.0, 4.0]
-    assert [bv.schedule_done(early, e) for e in (3, 4)] == [False, True]
-    ramped = bv.Config(beta=4.0, kl_warmup=2, beta_early=6.0, beta_early_epochs=3)  # a warm-up rises to it
-    assert [bv.schedule(ramped, e)[0] for e in range(1, 5)] == [3.0, 6.0, 6.0, 4.0]
 
 
 def test_kl_delay_trains_an_autoencoder_first_and_halves_the_lr_on_final_objectives_only(tmp_path, capsys):
@@ -191,11 +185,6 @@ def test_kl_delay_trains_an_autoencoder_first_and_halves_the_lr_on_final_objecti
     # beat), and best.pt is one of them
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["scheduler"]["last_epoch"] == 2
     assert torch.load(tmp_path / "run/best.pt", weights_only=True)["run"]["epoch"] >= 2
-    # --beta-early: its beta on the TC for its epochs after the delay, then --beta; the lr waits for the last
-    assert train_in_process(tmp_path / "early", "--kl-delay", "1", "--beta-early", "6", "--beta-early-epochs", "1",
-                            "--epochs", "3") == 0
-    assert read_rows(tmp_path / "early/history.csv", "beta_eff") == [("0.0",), ("6.0",), ("4.0",)]
-    assert torch.load(tmp_path / "early/last.pt", weights_only=True)["scheduler"]["last_epoch"] == 1
 
 
 def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
@@ -301,11 +290,6 @@ def test_tc_objective_weights_only_the_total_correlation():
     delayed = bv.Config(objective="tc", beta=4.0, kl_delay=2)
     assert bv.loss_settings(delayed, 2)["warm"] == 0
     assert "w 0 for 2 epochs, then 1" in bv.describe_loss(delayed)
-    # --beta-early weights the TC alone more for its epochs, the rest of the KL at 1, then --beta's weight
-    early = bv.Config(objective="tc", beta=4.0, kl_delay=2, beta_early=6.0, beta_early_epochs=1)
-    assert [(bv.loss_settings(early, e)["beta"], bv.loss_settings(early, e)["warm"]) for e in (3, 4)] == \
-        [(6.0, 1.0), (4.0, 1.0)]
-    assert "beta 6 for the first 1 epochs of the KL term" in bv.describe_loss(early)
     # with a capacity the whole KL is held at C and the TC weighs beta - 1 more: recon + 100 |KL - C| + 3 TC
     held = bv.loss_terms(LOGITS, X, MU, LOGVAR, z, beta=4.0, objective="tc", capacity=0.5, gamma=100.0)
     assert held["total"].item() == pytest.approx(hand_recon("mse") + 100 * abs(kl - 0.5) + 3 * tc, rel=1e-5)
@@ -764,8 +748,6 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
     (["--capacity", "20", "--kl-delay", "3"], "pick one"),
     (["--kl-delay", "-1"], "--kl-delay must be >= 0"),
-    (["--capacity", "20", "--beta-early", "6"], "pick one"),
-    (["--beta-early", "6", "--beta-early-epochs", "0"], "--beta-early-epochs must be >= 1"),
     (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--val-size", "737280"], "leaves no training data"),
@@ -2169,8 +2151,6 @@ def test_the_model_card_names_how_the_kl_term_entered():
     assert export.kl_schedule(bv.Config(kl_delay=12, kl_warmup=3)) == ["no KL term for the first 12 epochs",
                                                                       "β rising from 0 over 3 epochs"]
     assert export.kl_schedule(bv.Config(capacity=25.0)) == ["capacity rising to 25 nats over 10 epochs (γ 1000)"]
-    assert export.kl_schedule(bv.Config(kl_delay=12, beta_early=6.0, beta_early_epochs=24))[1] == \
-        "β 6 for its first 24 epochs"
 
 
 def test_the_shipped_model_loads_and_its_files_agree():
