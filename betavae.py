@@ -950,7 +950,7 @@ class StopOnCtrlC:
 
 def val_loader(val_set: Dataset, cfg: Config, workers: int = 0) -> DataLoader:
     """The validation batches, drawn as training draws its own: the TC is estimated from the batch, so at the training
-    batch size and in a fixed shuffled order (the set is sorted, and batches of one shape halve the TC estimate)."""
+    batch size and in a fixed shuffled order (the set is sorted, and batches of one shape put the TC a third low)."""
     order = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0)).tolist()
     # its own generator: iterating a DataLoader would otherwise draw from the training's global random state
     return DataLoader(Subset(val_set, order), batch_size=cfg.batch_size if cfg.objective == "tc" else 256,
