@@ -1561,6 +1561,8 @@ def test_shape_accuracy_counts_outlines_not_area_or_centroid():
     # index, whose slowest factor is the shape: the first 2,000 held no heart)
     data, items = bv.base_items(bv.make_datasets(parse_train())[1])
     assert np.bincount(data.factors(measure.spread(items, 2000))[:, 0].numpy(), minlength=3).min() > 600
+    # ... the same images in the validation loader's shuffled order: the score does not depend on the order
+    assert np.array_equal(measure.spread(np.random.default_rng(0).permutation(items), 2000), measure.spread(items, 2000))
 
 
 def test_a_metric_scores_the_same_alone_or_among_the_others():
