@@ -113,10 +113,10 @@ LR_PATIENCE = 5  # the tutorial's ReduceLROnPlateau: halve the lr after 5 epochs
 # The Config defaults above are the tutorial's settings (for faces). Where the study (study.py,
 # docs/study.md) found better ones for a dataset, they are here; any flag overrides them.
 SPRITES = {"latent_dim": 10, "epochs": 75, "arch": "broadcast", "recon": "bce", "lr": 5e-4, "batch_size": 64,
-           "objective": "tc", "kl_delay": 12}
+           "objective": "tc", "kl_delay": 16}
 SPRITES_WHY = ("disentanglement_lib's recipe (Bernoulli loss, lr 5e-4, batch 64, 10-d) with beta on the total "
                "correlation (Chen et al.) and a spatial broadcast decoder: each separated the factors better at equal "
-               "images; an autoencoder for 12 epochs first, which lets the shapes into the code (docs/study.md)")
+               "images; an autoencoder for 16 epochs first, which lets the shapes into the code (docs/study.md)")
 DATASET_DEFAULTS = {"shapes": SPRITES, "dsprites": SPRITES}
 # flags that may change when a run is resumed; every other one must match the stored run
 RESUMABLE_FLAGS = {"epochs", "device", "tensorboard", "out", "eval_every", "data_dir", "precision"}

@@ -178,7 +178,8 @@ def machine() -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores{gpu}), PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu} ({os.cpu_count()} cores{gpu}), PyTorch {torch.__version__}, {threads} thread{'s' * (threads > 1)}"
 
 
 def train_command(cfg: bv.Config) -> str:

@@ -99,10 +99,10 @@ STUDY_VARIANTS.update({
     "default-width2": f"{DEFAULT} --width 2",  # about 4x the compute a step
     # the whole KL term rising from 0 over 10 or 20 epochs: even a small weight kept the angle out (docs/study.md)
     **{f"default-warmup{epochs}": f"{DEFAULT} --kl-warmup {epochs}" for epochs in (10, 20)},
-    # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md);
-    # the study's last change, today's shapes default (betavae.SPRITES)
+    # no KL term for the first 12 epochs (240,000 images): an autoencoder finds the angles first (docs/study.md)
     "default-delay12": f"{DEFAULT} --kl-delay 12",
-    # a longer autoencoder: a run whose outlines were not in by epoch 12 lost them when the KL term entered
+    # a longer autoencoder: a run whose outlines were not in by epoch 12 lost them when the KL term entered;
+    # the study's last change, today's shapes default (betavae.SPRITES)
     "default-delay16": f"{DEFAULT} --kl-delay 16",
     # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},

@@ -35,7 +35,7 @@ import study  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # a model small enough to train for a few steps in a test: 3 steps of 16 images per epoch
-# --kl-delay 0: the shapes' default delay (12 epochs) would make every few-epoch run a plain autoencoder
+# --kl-delay 0: the shapes' default delay (16 epochs) would make every few-epoch run a plain autoencoder
 TINY = ["--epoch-size", "48", "--batch-size", "16", "--val-size", "16", "--latent-dim", "4", "--kl-delay", "0"]
 
 
@@ -1862,13 +1862,13 @@ def test_dataset_defaults_apply_unless_a_flag_overrides():
 
 
 def test_capacity_replaces_the_default_delay_and_a_run_inside_the_delay_says_it_trains_an_autoencoder(tmp_path, capsys):
-    assert parse_train().kl_delay == bv.SPRITES["kl_delay"] == 12
+    assert parse_train().kl_delay == bv.SPRITES["kl_delay"] == 16
     assert parse_train("--capacity", "20").kl_delay == 0  # not refused: the delay was the dataset's, not typed
     with pytest.raises(bv.UserError, match="pick one"):
         parse_train("--capacity", "20", "--kl-delay", "3")
     bv.main(["train", *TINY[:-2], "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert "note: --kl-delay 12 covers all 1 epochs: this run trains an autoencoder" in out
+    assert "note: --kl-delay 16 covers all 1 epochs: this run trains an autoencoder" in out
     assert read_rows(tmp_path / "run/history.csv", "beta_eff") == [("0.0",)]
     bv.main(["train", *TINY, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run0")])
     assert "note: --kl-delay" not in capsys.readouterr().out
@@ -1892,7 +1892,7 @@ def test_train_prints_the_defaults_it_used(tmp_path, capsys):
              "--device", "cpu", "--out", str(tmp_path / "run")])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shapes defaults:"))
     assert line.startswith("shapes defaults: --latent-dim 10, --arch broadcast, --recon bce, --lr 0.0005, "
-                           "--objective tc, --kl-delay 12 (the tutorial's: 128, tutorial, mse, 0.0001, kl, 0)")
+                           "--objective tc, --kl-delay 16 (the tutorial's: 128, tutorial, mse, 0.0001, kl, 0)")
     assert "--epochs" not in line and "--batch-size" not in line  # typed, so not defaults
     assert bv.SPRITES_WHY in line and "total correlation" in line
     config = json.loads((tmp_path / "run/config.json").read_text())
@@ -1910,8 +1910,8 @@ def test_every_study_variant_is_a_valid_train_command():
     # the base is the tutorial's settings, whatever the sprites' defaults
     assert all(getattr(parse_train(*shlex.split(study.STUDY_BASE)), name) == getattr(bv.Config(), name)
                for name in bv.SPRITES if name != "epochs")
-    # and the study's last change, default-delay12, typed out, is the sprites' defaults
-    default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.STUDY_VARIANTS["default-delay12"]))
+    # and the study's last change, default-delay16, typed out, is the sprites' defaults
+    default = parse_train(*shlex.split(study.STUDY_BASE), *shlex.split(study.STUDY_VARIANTS["default-delay16"]))
     assert all(getattr(default, name) == value for name, value in bv.SPRITES.items() if name != "epochs")
 
 
