@@ -104,9 +104,9 @@ STUDY_VARIANTS.update({
     # a longer autoencoder: a run whose outlines were not in by epoch 12 lost them when the KL term entered;
     # the study's last change, today's shapes default (betavae.SPRITES)
     "default-delay16": f"{DEFAULT} --kl-delay 16",
-    # point 2 of the shape study from that default: more dims for the shape and the angle to part; batch 128
-    **{f"default-delay16-{name}": f"{DEFAULT} --kl-delay 16 {flags}"
-       for name, flags in (("latent16", "--latent-dim 16"), ("batch128", "--batch-size 128"))},
+    # one change from that default: more dims, where the shape and the angle might part; a larger batch
+    "default-delay16-latent16": f"{DEFAULT} --kl-delay 16 --latent-dim 16",
+    "default-delay16-batch128": f"{DEFAULT} --kl-delay 16 --batch-size 128",
     # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
     # twice the lr: the x/y plane turns onto the axes by a gradient of 0.01 nats a degree; does it turn sooner?
