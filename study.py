@@ -157,11 +157,11 @@ def study_stages(args, variant: str, seed: int, threads: int, out: Path) -> list
     return stages
 
 
-def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
-    """One variant and seed's rows: its stages trained and scored, or with --collect only those already
+def study_run(args, variant: str, seed: int, threads: int, collect: bool) -> list[dict]:
+    """One variant and seed's rows: its stages trained and scored, or when collecting only those already
     scored."""
     out = Path(args.out) / f"{variant}-seed{seed}"
-    if not args.collect:
+    if not collect:
         stages = study_stages(args, variant, seed, threads, out)
     elif (out / "config.json").exists():
         stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
@@ -174,7 +174,7 @@ def study_run(args, variant: str, seed: int, threads: int) -> list[dict]:
         scores, row = json.loads((out / f"metrics_e{epoch:03d}.json").read_text()), history[epoch]
         rows.append({"variant": variant, "seed": seed, "epoch": epoch, "images": epoch * epoch_size,
                      "minutes": row["elapsed_s"] / 60, "mig": scores["mig"],
-                     "threads": "" if args.collect else threads,  # a collected run's are not on record
+                     "threads": "" if collect else threads,  # a collected run's are not on record
                      "factor_vae_score": scores["factor_vae_score"], "val_recon": row["val_recon"],
                      "shape_accuracy": scores.get("shape_accuracy", float("nan")),  # not measured before
                      "mig_per_factor": " ".join(f"{k}={v:.3f}" for k, v in scores["mig_per_factor"].items()),
@@ -244,7 +244,11 @@ def study(args) -> None:
               f"each, scored every {args.eval_epochs} epochs (MIG on n {args.n}, FactorVAE on "
               f"{args.points[0]}/{args.points[1]} points) | writing {out}")
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: the work runs in the subprocesses
-        results = list(pool.map(lambda run: study_run(args, *run, threads), runs))
+        results = list(pool.map(lambda run: study_run(args, *run, threads, args.collect), runs))
+    # the table holds every seed in --out of these variants, also those an earlier call trained
+    others = sorted({(variant, int(seed)) for variant in args.variants for path in out.glob(f"{variant}-seed*")
+                     if (seed := path.name.removeprefix(f"{variant}-seed")).isdigit()} - set(runs))
+    results += [study_run(args, *run, threads, True) for run in others]
     rows = [row for result in results for row in result]
     if not rows:
         raise UserError(f"no scored stages in {out} for these variants and seeds: nothing to tabulate")

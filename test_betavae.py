@@ -1939,6 +1939,10 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path, capsys):
     study.main([str(a) for a in args] + ["--collect"])
     assert list(csv.DictReader(open(tmp_path / "study/study.csv"))) == [{**r, "threads": ""} for r in rows]
     assert (tmp_path / "study/latent10-seed0/log.txt").read_text() == log
+    # a call for another seed tabulates the seeds earlier calls trained too
+    shutil.copytree(tmp_path / "study/latent10-seed0", tmp_path / "study/latent10-seed7")
+    study.main([str(a) for a in args] + ["--collect", "--seeds", "7"])
+    assert [r["seed"] for r in csv.DictReader(open(tmp_path / "study/study.csv"))] == ["7", "7", "0", "0"]
     # a stage the run trained past unscored (as after a call with another --eval-epochs) is not scored on a
     # later model: it is left out, and the run goes on from where it is
     assert study.stages_to_score(3, 1, trained=2, scored={2}) == [2, 3]
