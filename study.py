@@ -163,9 +163,9 @@ def study_run(args, variant: str, seed: int, threads: int, collect: bool) -> lis
     out = Path(args.out) / f"{variant}-seed{seed}"
     if not collect:
         stages = study_stages(args, variant, seed, threads, out)
-    elif (out / "config.json").exists():
+    else:  # a run not yet scored (or not yet started) has no rows
         stages = sorted(int(path.stem.removeprefix("metrics_e")) for path in out.glob("metrics_e*.json"))
-    else:
+    if not stages:
         return []
     history = {row["epoch"]: row for row in bv.read_history(out / "history.csv")}
     epoch_size = json.loads((out / "config.json").read_text())["epoch_size"]

@@ -1939,8 +1939,10 @@ def test_study_runs_end_to_end_and_skips_finished_stages(tmp_path, capsys):
     study.main([str(a) for a in args] + ["--collect"])
     assert list(csv.DictReader(open(tmp_path / "study/study.csv"))) == [{**r, "threads": ""} for r in rows]
     assert (tmp_path / "study/latent10-seed0/log.txt").read_text() == log
-    # a call for another seed tabulates the seeds earlier calls trained too
+    # a call for another seed tabulates the seeds earlier calls trained too, not those begun and not yet scored
     shutil.copytree(tmp_path / "study/latent10-seed0", tmp_path / "study/latent10-seed7")
+    (tmp_path / "study/latent10-seed8").mkdir()
+    (tmp_path / "study/latent10-seed8/config.json").write_text("{}")
     study.main([str(a) for a in args] + ["--collect", "--seeds", "7"])
     assert [r["seed"] for r in csv.DictReader(open(tmp_path / "study/study.csv"))] == ["7", "7", "0", "0"]
     # a stage the run trained past unscored (as after a call with another --eval-epochs) is not scored on a
