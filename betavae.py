@@ -94,7 +94,8 @@ class Config:
     capacity_epochs: int = option(10, "epochs over which the capacity C(t) rises from 0 to C_max")
     gamma: float = option(1000.0, "weight of |KL - C(t)| under --capacity")
     # optimisation
-    lr: float = option(1e-4, "Adam learning rate (halved by ReduceLROnPlateau after 5 epochs without progress)")
+    lr: float = option(1e-4, "Adam learning rate (ReduceLROnPlateau halves it, see --lr-patience)")
+    lr_patience: int = option(5, "epochs without a better validation objective before the lr is halved")
     batch_size: int = option(32, "images per optimisation step")
     epochs: int = option(20, "epochs to train (with --resume: the total to reach)")
     precision: str = option("auto", "bf16: bfloat16 autocast for the networks (the loss and weights stay float32); "
@@ -107,8 +108,6 @@ class Config:
     tensorboard: bool = option(False, "also log scalars and images to TensorBoard in the run folder")
     channels: int = 1  # set from the data (not a flag)
 
-
-LR_PATIENCE = 5  # the tutorial's ReduceLROnPlateau: halve the lr after 5 epochs without a better objective
 
 # The Config defaults above are the tutorial's settings (for faces). Where the study (study.py,
 # docs/study.md) found better ones for a dataset, they are here; any flag overrides them.
@@ -164,6 +163,7 @@ def check_config(cfg: Config) -> None:
         (cfg.objective == "kl" or cfg.batch_size >= 2, "--objective tc estimates the total correlation from the "
                                                         "batch: --batch-size must be >= 2"),
         (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lr_patience >= 0, "--lr-patience must be >= 0"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.eval_every >= 0, "--eval-every must be >= 0"),
@@ -739,7 +739,7 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
             torch.distributed.barrier()
     model = BetaVAE.of(cfg).to(device, memory_format=memory_format(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=LR_PATIENCE)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=cfg.lr_patience)
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
     t = Training(cfg, ranks, device, bf16, out, train_set, val_set, model, optimizer, scheduler, sampler_rng,
                  {"epoch": 0, "step": 0, "sums": torch.zeros(len(LOGGED_TERMS)), "seen": 0, "history": [],
@@ -1100,7 +1100,7 @@ def warn_if_stuck(history: list[dict], cfg: Config, patience: int = 5) -> None:
         start -= 1
     if recon_stalled(history[start:], patience) and not recon_stalled(history[start:-1], patience):
         print(f"warning: the reconstruction has not improved for {patience} epochs "
-              f"(lr {last['lr']:.1e}; ReduceLROnPlateau halves it after {LR_PATIENCE} epochs without a better objective)")
+              f"(lr {last['lr']:.1e}; ReduceLROnPlateau halves it after {cfg.lr_patience} epochs without a better objective)")
 
 
 @torch.no_grad()

@@ -569,6 +569,14 @@ def test_resume_after_an_epoch_is_exact(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+@pytest.mark.parametrize("patience, lrs", [(0, [1e-7, 5e-8, 2.5e-8]), (1, [1e-7, 1e-7, 5e-8])])
+def test_lr_is_halved_after_patience_epochs_without_a_better_objective(tmp_path, patience, lrs):
+    # at lr 1e-7 the weights barely move: no epoch beats the first one's validation objective by 0.01 %
+    assert train_in_process(tmp_path, "--epochs", "3", "--lr", "1e-7", "--lr-patience", patience) == 0
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["run"]["history"]
+    assert [row["lr"] for row in history] == pytest.approx(lrs, rel=1e-6)
+
+
 # Ctrl-C, or `kill` / a job scheduler; and Ctrl-C inside a KL warm-up, whose beta depends on the epoch
 @pytest.mark.parametrize("stop, flags", [(signal.SIGINT, ["--kl-warmup", "2"]), (signal.SIGTERM, [])])
 def test_ctrl_c_saves_and_resume_mid_epoch_is_exact(tmp_path, monkeypatch, stop, flags):
@@ -748,6 +756,7 @@ def test_checkpoint_loading_refuses_bad_files(tmp_path, tiny_run):
     (["--capacity", "20", "--kl-warmup", "3"], "pick one"),
     (["--capacity", "20", "--kl-delay", "3"], "pick one"),
     (["--kl-delay", "-1"], "--kl-delay must be >= 0"),
+    (["--lr-patience", "-1"], "--lr-patience must be >= 0"),
     (["--objective", "tc", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--val-size", "737280"], "leaves no training data"),
