@@ -109,6 +109,8 @@ STUDY_VARIANTS.update({
     "default-delay16-batch128": f"{DEFAULT} --kl-delay 16 --batch-size 128",
     # the lr halved sooner: the default's first halving (after 1.1-1.3 M images) took 3 nats off the recon
     "default-delay16-patience2": f"{DEFAULT} --kl-delay 16 --lr-patience 2",
+    # twice the channels in every layer (about 4x a step's compute): does the autoencoder find the outlines sooner?
+    "default-delay16-width2": f"{DEFAULT} --kl-delay 16 --width 2",
     # the same with a weaker or stronger pull on the TC after the delay: does it turn x and y onto the axes?
     **{f"default-delay12-beta{beta}": f"{DEFAULT} --kl-delay 12 --beta {beta}" for beta in (2, 6)},
     # twice the lr: the x/y plane turns onto the axes by a gradient of 0.01 nats a degree; does it turn sooner?
