@@ -26,6 +26,7 @@ import gc
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -752,6 +753,9 @@ def start_training(cfg: Config, resumed: Optional[dict], download: bool, ranks: 
         t.writer = SummaryWriter(out / "tensorboard")
     if resumed:
         resume(t, resumed)
+    here = machine(device, ranks.world)  # each machine the run trained on, for the model card
+    if here not in t.run.setdefault("machines", []):
+        t.run["machines"].append(here)
     t.loader, t.batches, t.data_path = train_loader(train_set, cfg, device)
     val_share = val_set if ranks.world == 1 else Subset(val_set, range(ranks.rank, len(val_set), ranks.world))
     t.val_loader = val_loader(val_share, cfg, loader_workers(cfg))
@@ -820,6 +824,18 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name} is not available on this machine")
     torch.backends.cudnn.benchmark = True  # images are always 64x64: let cuDNN time and keep its fastest kernels
     return torch.device(name)
+
+
+def machine(device: torch.device, processes: int = 1) -> str:
+    """This machine in words, as the run records it for the model card: CPU (and GPU), PyTorch, threads."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    threads = torch.get_num_threads()
+    return (f"{cpu} ({os.cpu_count()} cores{gpu}), PyTorch {torch.__version__}, "
+            f"{f'{processes} processes x ' if processes > 1 else ''}{threads} thread{'s' * (threads > 1)}")
 
 
 def native_bf16(device: torch.device) -> bool:

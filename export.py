@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import platform
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -164,22 +163,12 @@ def ship(state: dict, cfg: bv.Config, checkpoint: Path, folder: Path) -> None:
         raise UserError(f"{checkpoint.parent} lacks {' and '.join(missing)}: run `betavae.py evaluate` on the "
                         f"checkpoint first")
     bv.make_output_folder(folder)
-    slim = {key: state[key] for key in SHIPPED_STATE} | {"run": {"epoch": state["run"]["epoch"]}}
+    slim = {key: state[key] for key in SHIPPED_STATE} | {"run": {key: state["run"][key] for key in ("epoch", "machines")
+                                                                 if key in state["run"]}}
     bv.save_checkpoint(folder / "model.pt", slim)
     for name in ("metrics.json", "history.csv"):
         shutil.copyfile(checkpoint.parent / name, folder / name)
     print(f"wrote {folder / 'model.pt'}: {os.path.getsize(folder / 'model.pt') / 1e6:.1f} MB, epoch {state['run']['epoch']}")
-
-
-def machine() -> str:
-    """The CPU's name (and the GPU's where there is one), for the model card."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    threads = torch.get_num_threads()
-    return f"{cpu} ({os.cpu_count()} cores{gpu}), PyTorch {torch.__version__}, {threads} thread{'s' * (threads > 1)}"
 
 
 def train_command(cfg: bv.Config) -> str:
@@ -206,7 +195,8 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
     """MODEL_CARD.md from the shipped files: data, command, images, seed, metrics, machine and time."""
     scores = json.loads((folder / "metrics.json").read_text())
     history = bv.read_history(folder / "history.csv")
-    epoch = bv.read_checkpoint(folder / "model.pt")["run"]["epoch"]
+    run = bv.read_checkpoint(folder / "model.pt")["run"]
+    epoch, trained_on = run["epoch"], " then ".join(run.get("machines", ["a machine its checkpoint does not name"]))
     train_set, val_set = bv.make_datasets(cfg)
     epoch_images = cfg.epoch_size or len(train_set)
     show = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -227,7 +217,7 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
              "training": f"{len(history) * epoch_images:,} images ({len(history)} epochs of {epoch_images:,}, batch "
                          f"{cfg.batch_size}, lr {cfg.lr:g}); these weights are epoch {epoch}'s, the best validation "
                          f"objective",
-             "time": f"{bv.format_duration(history[-1]['elapsed_s'])} of training on {machine()}",
+             "time": f"{bv.format_duration(history[-1]['elapsed_s'])} of training on {trained_on}",
              "files": "`model.pt` (weights and config, loads with `torch.load(..., weights_only=True)`), "
                       "`decoder.onnx`, `encoder.onnx` (with betavae's metadata), `metrics.json`, `history.csv`",
              "licence": "none chosen yet: the repository has no licence file"}

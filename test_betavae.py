@@ -563,10 +563,15 @@ def test_same_seed_repeats_bit_for_bit_and_another_seed_differs(tmp_path):
 def test_resume_after_an_epoch_is_exact(tmp_path):
     assert train_in_process(tmp_path / "straight", "--epochs", "2") == 0
     assert train_in_process(tmp_path / "split", "--epochs", "1") == 0
+    state = torch.load(tmp_path / "split/last.pt", weights_only=True)
+    assert state["run"]["machines"] == [bv.machine(torch.device("cpu"))]
+    state["run"]["machines"] = ["the first machine"]  # as if resumed elsewhere: the model card names both
+    torch.save(state, tmp_path / "split/last.pt")
     assert train_in_process(tmp_path / "split", "--epochs", "2", "--resume") == 0
     assert_same_weights(weights(tmp_path / "straight/last.pt"), weights(tmp_path / "split/last.pt"))
-    history = torch.load(tmp_path / "split/last.pt", weights_only=True)["run"]["history"]
-    assert [row["epoch"] for row in history] == [1, 2]
+    run = torch.load(tmp_path / "split/last.pt", weights_only=True)["run"]
+    assert [row["epoch"] for row in run["history"]] == [1, 2]
+    assert run["machines"] == ["the first machine", bv.machine(torch.device("cpu"))]
 
 
 @pytest.mark.parametrize("patience, lrs", [(0, [1e-7, 5e-8, 2.5e-8]), (1, [1e-7, 1e-7, 5e-8])])
@@ -2161,6 +2166,8 @@ def check_shipped(folder: Path) -> None:
     assert f"Shape accuracy per shape: {metrics.per_factor_text(scores['shape_accuracy_per_shape'])}" in card
     assert f"{len(bv.read_history(folder / 'history.csv')) * cfg.epoch_size:,} images" in card
     assert all(f"; {part}" in card for part in export.kl_schedule(cfg))  # how the KL term entered
+    if "machines" in state["run"]:  # what trained it, not what exported it (older checkpoints lack it)
+        assert f" of training on {' then '.join(state['run']['machines'])} |" in card
 
 
 def test_the_model_card_names_how_the_kl_term_entered():
@@ -2187,6 +2194,8 @@ def test_remake_trains_evaluates_ships_and_draws_the_pictures(tmp_path, capsys):
     remake.remake(tmp_path / "run", tmp_path / "assets", tiny, ["--n", "100", "--points", "10", "5", "--metrics",
                                                                 "mig,factor_vae"])
     check_shipped(tmp_path / "assets" / "model")
+    shipped = torch.load(tmp_path / "assets" / "model" / "model.pt", weights_only=True)
+    assert shipped["run"]["machines"] == [bv.machine(torch.device("cpu"))]
     drawn = {"traverse.png", "traverse.gif", "interpolate.png", "sample.png", "reconstruct.png", "plot.png",
              "reconstructions.png"} | ({"explorer.png"} if shutil.which("chromium") else set())
     assert drawn <= set(os.listdir(tmp_path / "assets"))
