@@ -24,7 +24,7 @@ import betavae as bv
 from infer_onnx import Parser, report_errors, time_calls
 
 # the train flags that define what a step computes
-FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "arch", "objective", "recon", "precision", "device"]
+FLAGS = ["dataset", "data_dir", "batch_size", "latent_dim", "arch", "width", "objective", "recon", "precision", "device"]
 # --options: each option of the training step alone, then together, against the plain loop
 STEP_OPTIONS = {"plain loop": {}, "channels_last": {"channels_last": True}, "fused Adam": {"fused": True},
                 "bf16 autocast": {"bf16": True}, "torch.compile": {"compile": True},
@@ -155,7 +155,8 @@ def report(args, cfg: bv.Config, device, bf16: bool, data_path: str, rates: dict
     native = bv.native_bf16(device)  # an emulated bf16 matmul runs at ~1 GFLOP/s: time a small one there
     peaks = {"fp32": matmul_peak(device), "bf16": matmul_peak(device, torch.bfloat16, 2048 if native else 512)}
     precision = "bf16" if bf16 else "fp32"
-    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {cfg.arch} network, batch {cfg.batch_size}, "
+    network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")
+    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {network}, batch {cfg.batch_size}, "
           f"{precision}, {data_path}, {torch.get_num_threads()} threads | median of {args.repeats} x {args.steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")
@@ -174,8 +175,9 @@ def report(args, cfg: bv.Config, device, bf16: bool, data_path: str, rates: dict
         print(f"{name:>34}  {rate:10,.0f} img/s  {rate / option_rates['plain loop']:5.2f} x")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "device": str(device), "dataset": cfg.dataset, "arch": cfg.arch, "batch_size": cfg.batch_size,
-            "precision": precision, "img_per_s": rates, "options_img_per_s": option_rates, "gflop_per_s": achieved,
+            "device": str(device), "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
+            "batch_size": cfg.batch_size, "precision": precision, "img_per_s": rates, "options_img_per_s": option_rates,
+            "gflop_per_image": step_flops / cfg.batch_size / 1e9, "gflop_per_s": achieved,
             "matmul_peak_gflop_per_s": peaks, "bf16_native": native}, indent=2) + "\n")
         print(f"wrote {args.json}")
 

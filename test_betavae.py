@@ -1767,7 +1767,7 @@ def test_loader_workers_give_the_same_training(tmp_path, monkeypatch):
 
 def test_bench_reports_every_rate(tmp_path, capsys):
     write_image_folder(tmp_path / "pictures")
-    for flags in [[], ["--dataset", "folder", "--data-dir", tmp_path / "pictures"]]:
+    for flags in [["--dataset", "folder", "--data-dir", tmp_path / "pictures"], []]:
         result = cli_in_process(capsys, "--batch-size", "4", "--latent-dim", "4", "--steps", "1", "--repeats", "1",
                                 "--json", tmp_path / "bench.json", *flags, main=bench.main)
         assert result.returncode == 0, result.stderr
@@ -1781,6 +1781,12 @@ def test_bench_reports_every_rate(tmp_path, capsys):
         assert numbers["gflop_per_s"] > 0 and set(peaks) == {"fp32", "bf16"} and min(peaks.values()) > 0
         assert numbers["precision"] == ("bf16" if numbers["bf16_native"] else "fp32")  # auto: bf16 where native
         assert "loader / full step" in result.stdout and "full step / plain loop" in result.stdout
+    # --width 2 doubles every hidden layer's channels: about 4x the FLOPs of the shapes' step (c_in x c_out a layer)
+    one = numbers["gflop_per_image"]
+    result = cli_in_process(capsys, "--batch-size", "4", "--latent-dim", "4", "--steps", "1", "--repeats", "1",
+                            "--width", "2", "--json", tmp_path / "bench.json", main=bench.main)
+    assert result.returncode == 0 and "broadcast network at 2x the width" in result.stdout, result.stderr
+    assert 3 < json.loads((tmp_path / "bench.json").read_text())["gflop_per_image"] / one < 4
 
 
 def test_bench_options_are_timed_in_turns_against_the_plain_loop(tmp_path, monkeypatch):
