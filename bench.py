@@ -155,8 +155,7 @@ def report(args, cfg: bv.Config, device, bf16: bool, data_path: str, rates: dict
     native = bv.native_bf16(device)  # an emulated bf16 matmul runs at ~1 GFLOP/s: time a small one there
     peaks = {"fp32": matmul_peak(device), "bf16": matmul_peak(device, torch.bfloat16, 2048 if native else 512)}
     precision = "bf16" if bf16 else "fp32"
-    network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")
-    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {network}, batch {cfg.batch_size}, "
+    print(f"betavae {bv.__version__} bench | {device} | {cfg.dataset}, {bv.network_name(cfg)}, batch {cfg.batch_size}, "
           f"{precision}, {data_path}, {torch.get_num_threads()} threads | median of {args.repeats} x {args.steps} steps")
     for name, rate in rates.items():
         print(f"{name:>28}  {rate:10,.0f} img/s")

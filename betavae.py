@@ -437,6 +437,11 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.logits(z))
 
 
+def network_name(cfg: Config) -> str:
+    """The network in words, for the bench's header and the model card."""
+    return f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")
+
+
 class BetaVAE(nn.Module):
     def __init__(self, latent_dim: int = 128, channels: int = 1, arch: str = "tutorial", width: int = 1):
         super().__init__()

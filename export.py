@@ -208,7 +208,7 @@ def write_model_card(folder: Path, cfg: bv.Config) -> None:
         per_factor.append(f"Shape accuracy per shape: {metrics.per_factor_text(scores['shape_accuracy_per_shape'])}\n")
     data = "the built-in shapes" if cfg.dataset == "shapes" else cfg.dataset
     objective = "total correlation" if cfg.objective == "tc" else "KL"
-    network = f"{cfg.arch} network" + (f" at {cfg.width}x the width" if cfg.width > 1 else "")
+    network = bv.network_name(cfg)
     facts = {"data": f"{data}: {len(train_set):,} training and {len(val_set):,} validation images, "
                      f"{cfg.channels}x64x64",
              "command": f"`{train_command(cfg)}` (seed {cfg.seed})",
